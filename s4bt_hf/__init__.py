@@ -1,0 +1,36 @@
+"""s4bt_hf: S4 models built from Diagonal State Space layers, as native transformers models, and
+their compression by balanced truncation.
+
+Importing the package registers the model with `AutoConfig`, `AutoModel` and
+`AutoModelForSequenceClassification`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .configuration_s4dss import S4DSSConfig
+from .modeling_s4dss import (
+    S4DSSForSequenceClassification,
+    S4DSSModel,
+    S4DSSPreTrainedModel,
+    S4DSSStreamingState,
+)
+from .optimization import ssm_param_groups
+
+__version__ = "0.1.0"
+
+AutoConfig.register(S4DSSConfig.model_type, S4DSSConfig, exist_ok=True)
+AutoModel.register(S4DSSConfig, S4DSSModel, exist_ok=True)
+AutoModelForSequenceClassification.register(S4DSSConfig, S4DSSForSequenceClassification, exist_ok=True)
+# Saved checkpoints also carry the code, for users without this package (trust_remote_code=True).
+S4DSSConfig.register_for_auto_class()
+S4DSSModel.register_for_auto_class("AutoModel")
+S4DSSForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "S4DSSConfig",
+    "S4DSSForSequenceClassification",
+    "S4DSSModel",
+    "S4DSSPreTrainedModel",
+    "S4DSSStreamingState",
+    "ssm_param_groups",
+]

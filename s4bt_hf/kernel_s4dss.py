@@ -1,0 +1,105 @@
+"""The math of a DSS layer: zero-order-hold discretisation, convolution kernel, FFT convolution
+and the equivalent recurrence. Pure functions on tensors, shared by the convolutional forward,
+the streaming step and balanced truncation.
+
+Notation: H channels, N complex modes per channel, L sequence length, c output rows per channel
+(1, or 2 for a bidirectional layer: forward and backward kernels sharing the modes).
+
+Every channel h is the continuous-time system  x'(t) = diag(λ_h) x(t) + b_h u(t),
+y(t) = Re(c_h · x(t)); with step Δ_h, zero-order hold gives the discrete system
+
+    x_k = Ā x_{k-1} + B̄ u_k,   y_k = Re(C x_k) + D u_k,
+    Ā = exp(Δ λ),   B̄ = (exp(Δ λ) - 1) / λ · b,
+
+whose impulse response is the kernel  K_k = Re Σ_n C_n B̄_n Ā_n^k,  k = 0 .. L-1.
+
+This file is copied into saved checkpoints (remote code): it imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def real_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the SSM math runs in: float64 stays float64, everything else runs in float32
+    (half precision loses the phase of Δλk and cuFFT's half path needs power-of-two sizes)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zoh_discretize(modes: torch.Tensor, log_dt: torch.Tensor, input_vec: torch.Tensor):
+    """Zero-order hold of a batch of diagonal systems.
+
+    Ā = exp(Δ λ),  B̄ = expm1(Δ λ) / λ · b   (expm1 avoids cancellation for small Δλ).
+
+    Args: modes λ (H, N) complex with Re λ < 0, log_dt log Δ (H,), input_vec b (H, N) complex.
+    Returns: (log Ā = Δλ, B̄), both (H, N) complex.
+    """
+    dt_modes = torch.exp(log_dt).unsqueeze(-1) * modes
+    input_bar = torch.expm1(dt_modes) / modes * input_vec
+    return dt_modes, input_bar
+
+
+def vandermonde_kernel(log_a_bar: torch.Tensor, weights: torch.Tensor, length: int) -> torch.Tensor:
+    """K[c, h, k] = Re Σ_n W[c, h, n] · exp(k · log Ā[h, n])  for k = 0 .. length-1.
+
+    The powers are split as k = s + j with s a multiple of a block size S ≈ sqrt(length):
+    exp(k log Ā) = exp(s log Ā) · exp(j log Ā), so the sum is one batched complex matmul of
+    (W ⊙ exp(s log Ā)) against exp(j log Ā). Memory is O(H·N·sqrt(L) + c·H·L) instead of the
+    O(H·N·L) of a materialised Vandermonde matrix, and autograd keeps only these small factors.
+
+    Args: log_a_bar (H, N) complex, weights (c, H, N) complex, length L >= 1.
+    Returns: (c, H, L) real.
+    """
+    channels_out, num_channels, num_modes = weights.shape
+    block = max(1, math.isqrt(length - 1) + 1)
+    num_blocks = -(-length // block)
+    real_dtype = log_a_bar.real.dtype
+    offsets = torch.arange(block, device=log_a_bar.device, dtype=real_dtype)
+    starts = torch.arange(num_blocks, device=log_a_bar.device, dtype=real_dtype) * block
+    inner = torch.exp(log_a_bar.unsqueeze(-1) * offsets)  # (H, N, S)
+    outer = torch.exp(log_a_bar.unsqueeze(-1) * starts)  # (H, N, M)
+    # (c, H, N, M) -> (H, c*M, N): one row per (output, block start)
+    scaled = (weights.unsqueeze(-1) * outer.unsqueeze(0)).permute(1, 0, 3, 2)
+    scaled = scaled.reshape(num_channels, channels_out * num_blocks, num_modes)
+    kernel = torch.matmul(scaled, inner).real  # (H, c*M, S)
+    kernel = kernel.reshape(num_channels, channels_out, num_blocks * block)[..., :length]
+    return kernel.transpose(0, 1)
+
+
+def two_sided_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """Lay out a causal and an anti-causal kernel for one circular FFT convolution of size 2L.
+
+    Args: kernel (c, H, L) with c = 1 (causal) or c = 2 (rows: forward k0, backward k1).
+    Returns: (H, 2L) with k0 at lags 0..L-1 and k1 at lags -1..-L, so that
+        y_t = Σ_{s<=t} k0[t-s] u_s + Σ_{s>t} k1[s-t-1] u_s.
+    """
+    forward = torch.nn.functional.pad(kernel[0], (0, kernel.shape[-1]))
+    if kernel.shape[0] == 1:
+        return forward
+    backward = torch.nn.functional.pad(kernel[1].flip(-1), (kernel.shape[-1], 0))
+    return forward + backward
+
+
+def fft_convolution(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """y = u * K along the last axis by FFT of size 2L, which pads away circular wrap-around.
+
+    Args: inputs u (B, H, L) real, kernel (c, H, L) real as returned by `vandermonde_kernel`.
+    Returns: (B, H, L) real.
+    """
+    length = inputs.shape[-1]
+    spectrum_k = torch.fft.rfft(two_sided_kernel(kernel), n=2 * length)
+    spectrum_u = torch.fft.rfft(inputs, n=2 * length)
+    return torch.fft.irfft(spectrum_u * spectrum_k, n=2 * length)[..., :length]
+
+
+def recurrence_step(state: torch.Tensor, inputs: torch.Tensor, a_bar, input_bar, output_vec):
+    """One step of the discrete system: x_k = Ā x_{k-1} + B̄ u_k, y_k = Re(Σ_n C_n x_k,n).
+
+    Args: state (B, H, N) complex, inputs u_k (B, H) real, a_bar and input_bar (H, N) complex,
+    output_vec C (H, N) complex. Returns (y_k (B, H) real without the D term, new state).
+    """
+    new_state = a_bar * state + input_bar * inputs.unsqueeze(-1)
+    return (new_state * output_vec).sum(-1).real, new_state
