@@ -507,7 +507,7 @@ def _check_attention_mask(attention_mask, batch_and_length) -> torch.Tensor | No
             f"got {tuple(attention_mask.shape)}."
         )
     valid = attention_mask != 0
-    if not torch.all(valid | (attention_mask == 1)):
+    if not torch.all((attention_mask == 0) | (attention_mask == 1)):
         raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (valid position).")
     if not torch.all(valid.any(dim=1)):
         raise ValueError("Every sequence needs at least one valid position in `attention_mask`.")

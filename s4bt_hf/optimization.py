@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modeling_s4dss import SSM_DYNAMICS_PARAMETER_NAMES, S4DSSBatchNorm, S4DSSKernel
+from .modeling_s4dss import SSM_DYNAMICS_PARAMETER_NAMES
 
 
 def ssm_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -25,12 +25,15 @@ def ssm_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
         raise TypeError("ssm_param_groups needs an S4-DSS model (a module whose `config` has `ssm_lr`).")
     ssm, no_decay, decay = [], [], []
     for module in model.modules():
+        # class names, not isinstance: a model loaded with trust_remote_code has its own copies
+        # of these classes
+        module_kind = type(module).__name__
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if isinstance(module, S4DSSKernel) and param_name in SSM_DYNAMICS_PARAMETER_NAMES:
+            if module_kind == "S4DSSKernel" and param_name in SSM_DYNAMICS_PARAMETER_NAMES:
                 ssm.append(param)
-            elif isinstance(module, (nn.LayerNorm, S4DSSBatchNorm)) or param_name == "bias":
+            elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._NormBase)) or param_name == "bias":
                 no_decay.append(param)
             else:
                 decay.append(param)
