@@ -1,0 +1,327 @@
+"""Square-root balanced truncation of banks of diagonal linear systems with real output.
+
+Pure math: tensors in, tensors out, batched over leading axes (one system per channel), always
+in float64 / complex128 whatever dtype the caller holds.
+
+The systems. A DSS channel with complex modes a (N,), input vector b (N,) and output rows
+C (p, N) (p = 1, or 2 for a bidirectional layer: forward and backward kernels sharing the modes)
+computes the real kernel
+
+    discrete time:    K_k = Re(C diag(a)^k b),          k = 0, 1, ...
+    continuous time:  g(t) = Re(C exp(diag(a) t) b),    t >= 0.
+
+Writing x = x_r + i x_i, this is the real 2N-state system with state [x_r; x_i]
+
+    A = [[Re a, -Im a], [Im a, Re a]],   B = [Re b; Im b],   C_real = [Re C, -Im C],
+
+and that real system is the one balanced here (balancing the complex N-state system instead
+would balance an operator the layer does not compute). Reducing it to m real states and
+diagonalising gives conjugate pairs (μ, μ̄), each held by ONE complex mode of the layer with
+residue 2·c·b, and real poles, each needing a mode of its own; so `rank` r complex modes hold
+m = 2r real states when no real pole appears, and fewer otherwise (`reduce_to_modes`).
+
+The discrete-time kernel K_k is the impulse response (Markov parameters h_{k+1}) of the
+standard system (A, B, C_real), so the classical a-priori bound applies to the whole kernel:
+
+    ‖G - G_m‖_∞ ≤ 2 Σ_{i>m} σ_i        (σ: Hankel singular values of the real system),
+
+where G is the transfer function of u ↦ K * u. For one input this also bounds the kernel
+itself: ‖K - K_m‖_ℓ2 (all k >= 0, all output rows) ≤ ‖G - G_m‖_∞ ≤ 2 Σ_{i>m} σ_i, and every
+length-L kernel error is at most that. In continuous time the same bound holds for the
+continuous transfer function (the layer then discretises the reduced system with its Δ).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+DISCRETE = "discrete"
+CONTINUOUS = "continuous"
+TIME_DOMAINS = (DISCRETE, CONTINUOUS)
+
+# Gramians are PSD; a numerically singular one is factored with the smallest diagonal shift
+# (relative to its largest diagonal entry) from this ladder that makes Cholesky succeed.
+_CHOLESKY_SHIFTS = (0.0, 1e-15, 1e-13, 1e-11, 1e-9, 1e-7)
+# Systems reduced together: small enough to stay in cache, large enough to amortise overhead.
+_CHUNK_SIZE = 64
+
+
+def gramian_kernel(x: torch.Tensor, y: torch.Tensor, time: str) -> torch.Tensor:
+    """Element-wise solution kernel of the diagonal Lyapunov/Stein equations:
+    discrete  Σ_k x^k y^k = 1 / (1 - x y);  continuous  ∫ e^{(x+y)t} dt = -1 / (x + y)."""
+    denominator = 1.0 - x * y if time == DISCRETE else -(x + y)
+    # 1/z = conj(z)/|z|^2: real arithmetic, much faster than torch's complex division
+    return denominator.conj() / (denominator.real.square() + denominator.imag.square())
+
+
+def _real_gram(hermitian: torch.Tensor, symmetric: torch.Tensor, imag_sign: float) -> torch.Tensor:
+    """Gram matrix of the real vector [Re z; s·Im z] from S = E[z z^H] and S̃ = E[z z^T]:
+        E[Re z Re zᵀ] = ½ Re(S + S̃),   E[Im z Im zᵀ] = ½ Re(S - S̃),
+        E[Re z Im zᵀ] = ½ (Im S̃ - Im S),  E[Im z Re zᵀ] = ½ (Im S̃ + Im S)."""
+    real_real = 0.5 * (hermitian + symmetric).real
+    imag_imag = 0.5 * (hermitian - symmetric).real
+    real_imag = 0.5 * (symmetric.imag - hermitian.imag) * imag_sign
+    imag_real = 0.5 * (symmetric.imag + hermitian.imag) * imag_sign
+    top = torch.cat([real_real, real_imag], dim=-1)
+    bottom = torch.cat([imag_real, imag_imag], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def real_gramians(modes: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor, time: str):
+    """Controllability and observability Gramians P, Q (..., 2N, 2N) of the real realisation,
+    from closed forms (no Lyapunov solver):
+
+        P = Σ_k A^k B Bᵀ (Aᵀ)^k  (discrete)  or  ∫ e^{At} B Bᵀ e^{Aᵀt} dt  (continuous),
+        Q likewise with Cᵀ C, built from the complex moments
+        E[x x^H]_ij = b_i b̄_j κ(a_i, ā_j),  E[x xᵀ]_ij = b_i b_j κ(a_i, a_j)  and, for Q,
+        Σ_r C̄_ri C_rj κ(ā_i, a_j),  Σ_r C_ri C_rj κ(a_i, a_j),  κ = `gramian_kernel`.
+
+    Args: modes a (..., N), input_vec b (..., N), output_vec C (..., p, N), complex.
+    """
+    a_i, a_j = modes.unsqueeze(-1), modes.unsqueeze(-2)
+    b_i, b_j = input_vec.unsqueeze(-1), input_vec.unsqueeze(-2)
+    hermitian_kernel = gramian_kernel(a_i, a_j.conj(), time)  # κ(ā_i, a_j) is its conjugate
+    symmetric_kernel = gramian_kernel(a_i, a_j, time)
+    reach_h = b_i * b_j.conj() * hermitian_kernel
+    reach_s = b_i * b_j * symmetric_kernel
+    # observability: z = (C_r a^k)ᵀ; Q is the Gram of [Re z; -Im z]
+    obs_h = (output_vec.mT @ output_vec.conj()) * hermitian_kernel
+    obs_s = (output_vec.mT @ output_vec) * symmetric_kernel
+    return _real_gram(reach_h, reach_s, 1.0), _real_gram(obs_h, obs_s, -1.0)
+
+
+def real_realization(modes: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor):
+    """Dense real (A, B, C_real) of the system (for tests and small problems):
+    A = [[Re a, -Im a], [Im a, Re a]], B = [Re b; Im b], C_real = [Re C, -Im C]."""
+    real, imag = torch.diag_embed(modes.real), torch.diag_embed(modes.imag)
+    state = torch.cat([torch.cat([real, -imag], -1), torch.cat([imag, real], -1)], -2)
+    return (
+        state,
+        torch.cat([input_vec.real, input_vec.imag], -1),
+        torch.cat([output_vec.real, -output_vec.imag], -1),
+    )
+
+
+def psd_factor(gramian: torch.Tensor):
+    """Lower-triangular L with L Lᵀ = G + δ·max(diag G)·I, δ the smallest shift of
+    `_CHOLESKY_SHIFTS` for which Cholesky succeeds (0 for every numerically definite G).
+    Returns (L, δ per system). The shift only affects Hankel singular values below about
+    sqrt(δ)·σ_1; the bound computed from them then over-estimates, never under-estimates."""
+    scale = gramian.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gramian.dtype).tiny)
+    identity = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
+    factor = torch.zeros_like(gramian)
+    shift = torch.full(scale.shape, float("nan"), dtype=gramian.dtype, device=gramian.device)
+    pending = torch.ones(scale.shape, dtype=torch.bool, device=gramian.device)
+    for delta in _CHOLESKY_SHIFTS:
+        if not pending.any():
+            break
+        shifted = gramian[pending] + (delta * scale[pending])[..., None, None] * identity
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        done = info == 0
+        indices = pending.nonzero(as_tuple=True)
+        chosen = tuple(index[done] for index in indices)
+        factor[chosen] = lower[done]
+        shift[chosen] = delta
+        pending[chosen] = False
+    if pending.any():
+        raise ValueError("A Gramian is not positive semi-definite (non-finite or unstable system).")
+    return factor, shift
+
+
+def hankel_svd(reach_factor: torch.Tensor, obs_factor: torch.Tensor):
+    """σ_i = singular values of L_oᵀ L_c (never sqrt(eig(P Q)), which can go negative or
+    complex). Returns (U, σ, Vᵀ) of that product, σ descending."""
+    return torch.linalg.svd(obs_factor.mT @ reach_factor)
+
+
+def truncation_projectors(reach_factor, obs_factor, left, sigma, right_t, order: int):
+    """Square-root projectors from the leading `order` singular triplets only (the full
+    balancing transform is never formed or inverted):
+        V_m = L_c V_{:, :m} Σ_m^{-1/2},   W_m = L_o U_{:, :m} Σ_m^{-1/2},   W_mᵀ V_m = I."""
+    scale = sigma[..., :order].rsqrt().unsqueeze(-2)
+    right = reach_factor @ right_t[..., :order, :].mT * scale
+    left = obs_factor @ left[..., :order] * scale
+    return right, left
+
+
+def project_system(modes, input_vec, output_vec, right, left):
+    """Reduced real system  A_r = W_mᵀ A V_m,  B_r = W_mᵀ B,  C_r = C_real V_m, using the
+    block-diagonal structure of A (no dense 2N x 2N product)."""
+    num_modes = modes.shape[-1]
+    top, bottom = right[..., :num_modes, :], right[..., num_modes:, :]
+    real, imag = modes.real.unsqueeze(-1), modes.imag.unsqueeze(-1)
+    state_times_right = torch.cat([real * top - imag * bottom, imag * top + real * bottom], dim=-2)
+    real_input = torch.cat([input_vec.real, input_vec.imag], -1)
+    real_output = torch.cat([output_vec.real, -output_vec.imag], -1)
+    return left.mT @ state_times_right, (left.mT @ real_input.unsqueeze(-1)).squeeze(-1), real_output @ right
+
+
+def diagonalize(state: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor):
+    """Re-diagonalise a real reduced system: A_r = X diag(μ) X⁻¹, so the kernel is
+    Σ_i (C_r X)_i (X⁻¹ B_r)_i μ_i^k. Real input gives exact conjugate pairs and exactly real
+    eigenvalues (LAPACK's real eigensolver). Returns (μ (..., m), residues w = (C_r X) ⊙ (X⁻¹ B_r)
+    (..., p, m), Frobenius condition number ‖X‖_F ‖X⁻¹‖_F)."""
+    eigenvalues, eigenvectors = torch.linalg.eig(state)
+    inverse = torch.linalg.inv(eigenvectors)
+    input_modal = (inverse @ input_vec.to(inverse.dtype).unsqueeze(-1)).squeeze(-1)
+    output_modal = output_vec.to(eigenvectors.dtype) @ eigenvectors
+    condition = torch.linalg.matrix_norm(eigenvectors) * torch.linalg.matrix_norm(inverse)
+    return eigenvalues, output_modal * input_modal.unsqueeze(-2), condition
+
+
+def modes_needed(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Complex layer modes needed to hold a real system with these eigenvalues: one per
+    conjugate pair, one per real eigenvalue."""
+    return (eigenvalues.imag >= 0).sum(-1)
+
+
+def fold_conjugate_pairs(eigenvalues: torch.Tensor, residues: torch.Tensor, rank: int, pad_mode: complex):
+    """Write a real system's modal form as `rank` complex modes read out with Re(·):
+    a pair (μ, μ̄) with residues (w, w̄) becomes mode μ with residue 2w (Re(2wμ^k) = wμ^k + w̄μ̄^k),
+    a real eigenvalue μ keeps residue Re(w); unused modes get `pad_mode` with residue 0.
+    Needs `modes_needed(eigenvalues) <= rank` for every system.
+    Returns (modes (..., rank), residues (..., p, rank), padding mask (..., rank))."""
+    upper = eigenvalues.imag > 0
+    real = eigenvalues.imag == 0
+    weight = torch.where(upper, 2.0, torch.where(real, 1.0, 0.0)).to(residues.dtype)
+    folded = residues * weight.unsqueeze(-2)
+    folded = torch.where(real.unsqueeze(-2), folded.real.to(folded.dtype), folded)
+    # kept modes first (largest residue first), dropped lower halves of pairs last
+    key = torch.where(upper | real, folded.abs().sum(-2), torch.full_like(eigenvalues.real, -1.0))
+    order = key.argsort(dim=-1, descending=True)
+    eigenvalues = eigenvalues.gather(-1, order)
+    folded = folded.gather(-1, order.unsqueeze(-2).expand_as(folded))
+    kept = (upper | real).gather(-1, order)
+    count = eigenvalues.shape[-1]
+    if count < rank:  # fewer states than modes: pad
+        pad = rank - count
+        eigenvalues = torch.cat([eigenvalues, eigenvalues.new_full((*eigenvalues.shape[:-1], pad), pad_mode)], -1)
+        folded = torch.cat([folded, folded.new_zeros((*folded.shape[:-1], pad))], -1)
+        kept = torch.cat([kept, kept.new_zeros((*kept.shape[:-1], pad))], -1)
+    eigenvalues, folded, kept = eigenvalues[..., :rank], folded[..., :rank], kept[..., :rank]
+    eigenvalues = torch.where(kept, eigenvalues, torch.full_like(eigenvalues, pad_mode))
+    return eigenvalues, torch.where(kept.unsqueeze(-2), folded, torch.zeros_like(folded)), ~kept
+
+
+def error_bound(sigma: torch.Tensor, kept_states: torch.Tensor) -> torch.Tensor:
+    """A-priori bound 2 Σ_{i > m} σ_i of balanced truncation to m real states."""
+    positions = torch.arange(sigma.shape[-1], device=sigma.device)
+    return 2.0 * torch.where(positions >= kept_states.unsqueeze(-1), sigma, 0.0).sum(-1)
+
+
+@dataclass
+class ReducedModes:
+    """Result of `reduce_to_modes` for a batch of systems (leading axes ...)."""
+
+    modes: torch.Tensor  # (..., r) complex reduced modes (discrete μ or continuous λ)
+    residues: torch.Tensor  # (..., p, r) complex: kernel = Re Σ residues · modes^k
+    hankel_singular_values: torch.Tensor  # (..., 2N) of the original real system
+    kept_states: torch.Tensor  # (...,) real states m kept per system
+    padding: torch.Tensor  # (..., r) bool: modes holding nothing (residue 0, mode = pad_mode)
+    error_bound: torch.Tensor  # (...,) 2 Σ_{i>m} σ_i
+    cholesky_shift: torch.Tensor  # (...,) relative diagonal shift used for P and Q (max)
+    eigenvector_condition: torch.Tensor  # (...,) ‖X‖_F ‖X⁻¹‖_F of the re-diagonalisation
+
+
+def reduce_to_modes(
+    modes: torch.Tensor,
+    input_vec: torch.Tensor,
+    output_vec: torch.Tensor,
+    rank: int,
+    time: str = DISCRETE,
+    pad_mode: complex = 0.0,
+    workers: int | None = None,
+) -> ReducedModes:
+    """Balanced truncation of real-output diagonal systems to `rank` complex modes each.
+
+    Per system: Gramians of the real realisation (`real_gramians`), factors (`psd_factor`),
+    Hankel singular values (`hankel_svd`), projection to m real states from the leading m
+    triplets (`truncation_projectors`, `project_system`), re-diagonalisation (`diagonalize`)
+    and folding of conjugate pairs into complex modes (`fold_conjugate_pairs`). m starts at
+    min(2·rank, numerical rank) and is lowered one state at a time for the systems whose
+    reduced real poles would need more than `rank` modes.
+
+    Args: modes (..., N) with |a| < 1 (discrete) or Re a < 0 (continuous), input_vec (..., N),
+    output_vec (..., p, N); any float/complex dtype (computed in complex128). Padding modes
+    (when fewer than `rank` modes are needed) get `pad_mode` and residue 0. The systems are
+    split into chunks that `workers` threads (default: torch's thread count) reduce in
+    parallel, each with single-threaded LAPACK (faster than threaded LAPACK on small matrices).
+    """
+    if time not in TIME_DOMAINS:
+        raise ValueError(f"`time` must be one of {TIME_DOMAINS}, got {time!r}.")
+    batch_shape, num_modes = modes.shape[:-1], modes.shape[-1]
+    flat = [
+        modes.reshape(-1, num_modes),
+        input_vec.reshape(-1, num_modes),
+        output_vec.reshape(-1, *output_vec.shape[-2:]),
+    ]
+    flat = [tensor.to(torch.complex128) for tensor in flat]
+    workers = workers or torch.get_num_threads()
+    chunk = max(1, min(_CHUNK_SIZE, -(-flat[0].shape[0] // workers)))
+    pieces = list(zip(*(tensor.split(chunk) for tensor in flat), strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda piece: _reduce_flat(*piece, rank, time, pad_mode), pieces))
+    finally:
+        torch.set_num_threads(threads)
+    names = ReducedModes.__dataclass_fields__
+    fields = {name: torch.cat([getattr(result, name) for result in results]) for name in names}
+    return ReducedModes(**{name: value.reshape(*batch_shape, *value.shape[1:]) for name, value in fields.items()})
+
+
+def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: complex) -> ReducedModes:
+    """`reduce_to_modes` for systems stacked along one leading axis."""
+    count = modes.shape[0]
+    reach, obs = real_gramians(modes, input_vec, output_vec, time)
+    reach_factor, reach_shift = psd_factor(reach)
+    obs_factor, obs_shift = psd_factor(obs)
+    left, sigma, right_t = hankel_svd(reach_factor, obs_factor)
+    # states whose σ is numerically zero carry nothing and cannot be scaled by Σ^{-1/2}
+    numerical_rank = (sigma > sigma[:, :1] * 1e-14).sum(-1)
+    kept = torch.clamp(numerical_rank, max=2 * rank)
+    reduced_modes = modes.new_full((count, rank), pad_mode)
+    residues = modes.new_zeros((count, output_vec.shape[-2], rank))
+    padding = torch.ones((count, rank), dtype=torch.bool)
+    condition = sigma.new_ones(count)
+    pending = kept > 0
+    while pending.any():
+        for order in kept[pending].unique().tolist():
+            select = (pending & (kept == order)).nonzero().squeeze(-1)
+            right, left_proj = truncation_projectors(
+                reach_factor[select], obs_factor[select], left[select], sigma[select], right_t[select], order
+            )
+            state, reduced_in, reduced_out = project_system(
+                modes[select], input_vec[select], output_vec[select], right, left_proj
+            )
+            eigenvalues, modal_residues, cond = diagonalize(state, reduced_in, reduced_out)
+            fits = modes_needed(eigenvalues) <= rank
+            done = select[fits]
+            reduced_modes[done], residues[done], padding[done] = fold_conjugate_pairs(
+                eigenvalues[fits], modal_residues[fits], rank, pad_mode
+            )
+            condition[done] = cond[fits]
+            pending[done] = False
+            kept[select[~fits]] -= 1  # one real pole too many: keep one state less
+    return ReducedModes(
+        modes=reduced_modes,
+        residues=residues,
+        hankel_singular_values=sigma,
+        kept_states=kept,
+        padding=padding,
+        error_bound=error_bound(sigma, kept),
+        cholesky_shift=torch.maximum(reach_shift, obs_shift),
+        eigenvector_condition=condition,
+    )
+
+
+def kept_energy(sigma: torch.Tensor, kept_states: torch.Tensor) -> torch.Tensor:
+    """Fraction of Hankel energy kept: Σ_{i<=m} σ_i / Σ_i σ_i (1 for a zero system)."""
+    positions = torch.arange(sigma.shape[-1], device=sigma.device)
+    total = sigma.sum(-1)
+    kept = torch.where(positions < kept_states.unsqueeze(-1), sigma, 0.0).sum(-1)
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(sigma.dtype).tiny), torch.ones_like(total))
