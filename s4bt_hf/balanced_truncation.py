@@ -319,6 +319,14 @@ def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: c
     )
 
 
+def hankel_singular_values(modes, input_vec, output_vec, time: str = DISCRETE) -> torch.Tensor:
+    """Hankel singular values (..., 2N), descending, of the real-output systems (see
+    `reduce_to_modes` for the arguments), computed in float64."""
+    modes, input_vec, output_vec = (t.to(torch.complex128) for t in (modes, input_vec, output_vec))
+    reach, obs = real_gramians(modes, input_vec, output_vec, time)
+    return torch.linalg.svdvals(psd_factor(obs)[0].mT @ psd_factor(reach)[0])
+
+
 def kept_energy(sigma: torch.Tensor, kept_states: torch.Tensor) -> torch.Tensor:
     """Fraction of Hankel energy kept: Σ_{i<=m} σ_i / Σ_i σ_i (1 for a zero system)."""
     positions = torch.arange(sigma.shape[-1], device=sigma.device)

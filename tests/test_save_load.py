@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from hidden_package import HIDE_S4BT_HF
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, S4DSSModel
@@ -196,31 +197,10 @@ def test_hub_environment_is_offline_and_isolated(hf_home):
 
 # --------------------------------------------------------------------------- remote code
 
-CHILD_SCRIPT = textwrap.dedent(
+# HIDE_S4BT_HF makes s4bt_hf unimportable in the child and defines `found_before`.
+CHILD_SCRIPT = HIDE_S4BT_HF + textwrap.dedent(
     r"""
-    import importlib
-    import importlib.util
     import json
-    import sys
-    from importlib.machinery import PathFinder
-
-    found_before = importlib.util.find_spec("s4bt_hf") is not None
-
-    # Hide s4bt_hf: drop every sys.path entry that holds it and every meta-path finder (such as
-    # the editable-install finder) that can locate it; keep everything else (torch, transformers).
-    sys.path[:] = [entry for entry in sys.path if PathFinder.find_spec("s4bt_hf", [entry]) is None]
-
-    def _finds_package(finder):
-        if finder is PathFinder or not hasattr(finder, "find_spec"):
-            return False
-        try:
-            return finder.find_spec("s4bt_hf", None) is not None
-        except Exception:
-            return False
-
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not _finds_package(finder)]
-    importlib.invalidate_caches()
-    assert importlib.util.find_spec("s4bt_hf") is None, "s4bt_hf is still importable"
 
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
