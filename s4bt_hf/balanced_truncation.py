@@ -45,6 +45,8 @@ TIME_DOMAINS = (DISCRETE, CONTINUOUS)
 # Gramians are PSD; a numerically singular one is factored with the smallest diagonal shift
 # (relative to its largest diagonal entry) from this ladder that makes Cholesky succeed.
 _CHOLESKY_SHIFTS = (0.0, 1e-15, 1e-13, 1e-11, 1e-9, 1e-7)
+# Hankel singular values below this fraction of σ_1 are rounding noise: their states are dropped.
+_NEGLIGIBLE_SIGMA = 1e-12
 # Systems reduced together: small enough to stay in cache, large enough to amortise overhead.
 _CHUNK_SIZE = 64
 
@@ -109,12 +111,14 @@ def psd_factor(gramian: torch.Tensor):
     """Lower-triangular L with L Lᵀ = G + δ·max(diag G)·I, δ the smallest shift of
     `_CHOLESKY_SHIFTS` for which Cholesky succeeds (0 for every numerically definite G).
     Returns (L, δ per system). The shift only affects Hankel singular values below about
-    sqrt(δ)·σ_1; the bound computed from them then over-estimates, never under-estimates."""
-    scale = gramian.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gramian.dtype).tiny)
+    sqrt(δ)·σ_1; the bound computed from them then over-estimates, never under-estimates.
+    A zero Gramian (an unreachable or unobservable system) gets the zero factor."""
+    scale = gramian.diagonal(dim1=-2, dim2=-1).amax(-1)
     identity = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
     factor = torch.zeros_like(gramian)
     shift = torch.full(scale.shape, float("nan"), dtype=gramian.dtype, device=gramian.device)
-    pending = torch.ones(scale.shape, dtype=torch.bool, device=gramian.device)
+    pending = scale > 0  # a PSD matrix with a zero diagonal is zero
+    shift[~pending] = 0.0
     for delta in _CHOLESKY_SHIFTS:
         if not pending.any():
             break
@@ -281,8 +285,8 @@ def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: c
     reach_factor, reach_shift = psd_factor(reach)
     obs_factor, obs_shift = psd_factor(obs)
     left, sigma, right_t = hankel_svd(reach_factor, obs_factor)
-    # states whose σ is numerically zero carry nothing and cannot be scaled by Σ^{-1/2}
-    numerical_rank = (sigma > sigma[:, :1] * 1e-14).sum(-1)
+    # states whose σ is at rounding level carry nothing and cannot be scaled by Σ^{-1/2}
+    numerical_rank = (sigma > sigma[:, :1] * _NEGLIGIBLE_SIGMA).sum(-1)
     kept = torch.clamp(numerical_rank, max=2 * rank)
     reduced_modes = modes.new_full((count, rank), pad_mode)
     residues = modes.new_zeros((count, output_vec.shape[-2], rank))

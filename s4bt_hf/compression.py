@@ -49,10 +49,17 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
     else:
         ranks = [int(value) for value in rank]
 
-    new_state = dict(model.state_dict())
+    # copies: the new model must never share memory with `model`
+    new_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     reports = []
-    for index, (layer, system, layer_rank) in enumerate(zip(layers, systems, ranks, strict=True)):
-        parameters, report = _truncate_layer(index, layer.kernel, system, layer_rank, time, kernel_length, workers)
+    for index, (layer, system) in enumerate(zip(layers, systems, strict=True)):
+        while True:
+            parameters, report = _truncate_layer(index, layer.kernel, system, ranks[index], time, kernel_length,
+                                                 workers)
+            # real poles can keep fewer than 2r states: raise r until the kept energy really reaches tol
+            if tol is None or report.layer_kept_energy >= tol - 1e-12 or ranks[index] == original_states[index]:
+                break
+            ranks[index] += 1
         prefix = _parameter_prefix(model, layer.kernel)
         for name, value in parameters.items():
             original = getattr(layer.kernel, name)
@@ -118,12 +125,14 @@ def _layer_system(index: int, kernel, time: str):
     log_dt = tensors["log_dt"]
     log_a_bar, input_bar = zoh_discretize(modes, log_dt, torch.view_as_complex(tensors["B"]))
     magnitude = torch.exp(log_a_bar.real)
-    unstable = ~((modes.real < 0) & (magnitude < 1))
+    finite = torch.isfinite(modes) & torch.isfinite(log_a_bar) & torch.isfinite(input_bar)
+    unstable = ~((modes.real < 0) & (magnitude < 1) & finite)
     if unstable.any():
         channel, mode = unstable.nonzero()[0].tolist()
         raise ValueError(f"balanced_truncate: layer {index}, channel {channel}, mode {mode} is not strictly stable "
                          f"(Re λ = {modes.real[channel, mode].item():.3g}, |exp(Δλ)| = "
-                         f"{magnitude[channel, mode].item():.17g}); balanced truncation needs finite Gramians.")
+                         f"{magnitude[channel, mode].item():.17g}, B̄ = {complex(input_bar[channel, mode])}); "
+                         "balanced truncation needs finite Gramians.")
     output_rows = torch.view_as_complex(tensors["C"]).permute(1, 0, 2)  # (H, p, N)
     if time == CONTINUOUS:
         return modes, torch.view_as_complex(tensors["B"]), output_rows, log_dt
@@ -138,7 +147,8 @@ def _channel_of(bad: torch.Tensor, name: str) -> int | str:
 
 def _rank_for_energy(system, tol: float, time: str) -> int:
     """Smallest rank r whose 2r leading Hankel singular values of every channel together keep
-    at least `tol` of the layer's Hankel energy:  Σ_h Σ_{i<=2r} σ_hi / Σ_h Σ_i σ_hi >= tol."""
+    at least `tol` of the layer's Hankel energy:  Σ_h Σ_{i<=2r} σ_hi / Σ_h Σ_i σ_hi >= tol.
+    A lower bound of the rank `tol` needs: with real poles a rank keeps fewer than 2r states."""
     modes, input_vec, output_rows, _ = system
     energy_by_position = hankel_singular_values(modes, input_vec, output_rows, time).sum(0)
     total = energy_by_position.sum()

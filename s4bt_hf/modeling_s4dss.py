@@ -250,8 +250,11 @@ class S4DSSPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
+            report_path = os.path.join(save_directory, REPORT_FILE)
             if self.compression_report is not None:
                 self.compression_report.save(save_directory)
+            elif os.path.exists(report_path):  # left by a compressed model saved here before
+                os.remove(report_path)
             self._write_model_card(save_directory)
         return result
 
