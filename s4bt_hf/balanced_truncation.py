@@ -63,13 +63,15 @@ def _real_gram(hermitian: torch.Tensor, symmetric: torch.Tensor, imag_sign: floa
     """Gram matrix of the real vector [Re z; s·Im z] from S = E[z z^H] and S̃ = E[z z^T]:
         E[Re z Re zᵀ] = ½ Re(S + S̃),   E[Im z Im zᵀ] = ½ Re(S - S̃),
         E[Re z Im zᵀ] = ½ (Im S̃ - Im S),  E[Im z Re zᵀ] = ½ (Im S̃ + Im S)."""
-    real_real = 0.5 * (hermitian + symmetric).real
-    imag_imag = 0.5 * (hermitian - symmetric).real
-    real_imag = 0.5 * (symmetric.imag - hermitian.imag) * imag_sign
-    imag_real = 0.5 * (symmetric.imag + hermitian.imag) * imag_sign
-    top = torch.cat([real_real, real_imag], dim=-1)
-    bottom = torch.cat([imag_real, imag_imag], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
+    size = hermitian.shape[-1]
+    gram = hermitian.real.new_empty((*hermitian.shape[:-2], 2 * size, 2 * size))
+    torch.add(hermitian.real, symmetric.real, alpha=1.0, out=gram[..., :size, :size])
+    torch.sub(hermitian.real, symmetric.real, out=gram[..., size:, size:])
+    torch.sub(symmetric.imag, hermitian.imag, out=gram[..., :size, size:])
+    torch.add(symmetric.imag, hermitian.imag, out=gram[..., size:, :size])
+    gram[..., :size, size:] *= imag_sign
+    gram[..., size:, :size] *= imag_sign
+    return gram.mul_(0.5)
 
 
 def real_gramians(modes: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor, time: str):

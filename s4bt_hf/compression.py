@@ -8,7 +8,6 @@ This file is copied into saved checkpoints (remote code): it imports only torch 
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 
 import torch
@@ -259,11 +258,10 @@ def _ssm_parameter_count(model) -> int:
 
 
 def _rounded(values: torch.Tensor, digits: int = 7):
-    """Nested lists of floats with `digits` significant digits (keeps the JSON report small)."""
-    def round_one(value: float) -> float:
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
-
-    data = values.tolist()
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        return [[round_one(v) for v in row] for row in data]
-    return [round_one(v) for v in data]
+    """Nested lists of floats rounded to `digits` significant digits (keeps the JSON small):
+    x -> round(x · 10^(d-1-e)) / 10^(d-1-e) with e = floor(log10 |x|), vectorised."""
+    values = values.to(torch.float64)
+    exponent = torch.floor(torch.log10(values.abs().clamp_min(1e-300)))
+    scale = torch.pow(10.0, digits - 1 - exponent)
+    rounded = torch.where(torch.isfinite(values) & (values != 0), torch.round(values * scale) / scale, values)
+    return rounded.tolist()
