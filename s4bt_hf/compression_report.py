@@ -85,7 +85,7 @@ class CompressionReport:
         """A table of the layers for the model card."""
         lines = [
             f"Balanced truncation ({self.time}-time system of every channel), kernel errors measured over "
-            f"{self.kernel_length} steps.",
+            f"{self.kernel_length} steps, at compression time (before any retraining).",
             "",
             f"- SSM parameters: {self.ssm_parameters_before:,} → {self.ssm_parameters_after:,}",
             f"- total parameters: {self.total_parameters_before:,} → {self.total_parameters_after:,}",

@@ -2,5 +2,14 @@
 the S4 parameter groups."""
 
 from .accelerate_trainer import RunFolderError, TrainingConfig, TrainResult, evaluate_model, latest_checkpoint, train
+from .hf_trainer import S4DSSTrainer
 
-__all__ = ["RunFolderError", "TrainResult", "TrainingConfig", "evaluate_model", "latest_checkpoint", "train"]
+__all__ = [
+    "RunFolderError",
+    "S4DSSTrainer",
+    "TrainResult",
+    "TrainingConfig",
+    "evaluate_model",
+    "latest_checkpoint",
+    "train",
+]

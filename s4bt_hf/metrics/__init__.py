@@ -1,0 +1,60 @@
+"""Metrics that work offline.
+
+`evaluate.load("accuracy")` needs the Hugging Face Hub. `load_accuracy()` loads this package's
+own copy of the metric (`s4bt_accuracy/`) by absolute path instead, which also works with
+`HF_HUB_OFFLINE=1`. `compute_accuracy_metrics` plugs it into `Trainer(compute_metrics=...)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "s4bt_accuracy")
+
+
+def load_accuracy(**kwargs):
+    """The package's accuracy metric, an `evaluate.Metric` (`compute(predictions=, references=)` ->
+    `{"accuracy": float}`). `kwargs` go to `evaluate.load` (e.g. `keep_in_memory=True`,
+    `experiment_id=...`)."""
+    import evaluate
+
+    return evaluate.load(ACCURACY_METRIC_PATH, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _in_memory_accuracy():
+    # in memory: no Arrow cache files, so processes that evaluate at once cannot collide
+    return load_accuracy(keep_in_memory=True)
+
+
+def compute_accuracy_metrics(eval_pred) -> dict[str, float]:
+    """`compute_metrics` for the transformers `Trainer`: accuracy of the argmax of the logits.
+
+    `eval_pred` is an `EvalPrediction` (or a `(predictions, label_ids)` pair). Its predictions
+    may be a tuple whose first element is the logits (when the model also returns hidden
+    states), or class ids already (when `preprocess_logits_for_metrics` took the argmax).
+    """
+    if hasattr(eval_pred, "predictions"):
+        predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    else:
+        predictions, labels = eval_pred
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    if isinstance(labels, (tuple, list)):
+        labels = labels[0]
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels).reshape(-1)
+    if predictions.ndim > 1:
+        predictions = predictions.argmax(axis=-1)
+    predictions = predictions.reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"compute_accuracy_metrics: {predictions.shape[0]} predictions but {labels.shape[0]} labels."
+        )
+    return _in_memory_accuracy().compute(predictions=predictions.astype(np.int64), references=labels.astype(np.int64))
+
+
+__all__ = ["ACCURACY_METRIC_PATH", "compute_accuracy_metrics", "load_accuracy"]
