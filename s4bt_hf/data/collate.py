@@ -1,0 +1,71 @@
+"""Batch collation for the data tasks.
+
+:class:`PadCollator` turns a list of examples (dicts, as a ``Dataset`` or a ``DataLoader`` yields them) into a
+batch of tensors. Variable-length ``input_ids`` are right-padded to the longest sequence in the batch (or a
+multiple of ``pad_to_multiple_of``) with an ``attention_mask`` of 1 for real tokens and 0 for padding;
+fixed-size ``input_values`` are stacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["PadCollator"]
+
+
+class PadCollator:
+    """Collate examples with ``input_ids`` (lists or 1-D tensors of different lengths) or ``input_values``
+    (equal-shape arrays) and ``labels`` into tensors.
+
+    Returns ``input_ids`` (long, ``(B, L_max)``, right-padded with ``pad_token_id``) and ``attention_mask``
+    (long, 1 valid / 0 pad), or ``input_values`` (stacked; integer values become float32), plus ``labels``
+    (long) when the examples carry them. Float labels (e.g. multi-label targets) keep their float dtype. Other
+    keys are ignored.
+    """
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __repr__(self) -> str:
+        return f"PadCollator(pad_token_id={self.pad_token_id}, pad_to_multiple_of={self.pad_to_multiple_of})"
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        batch: dict[str, torch.Tensor] = {}
+        first = examples[0]
+        if "input_ids" in first:
+            batch.update(self._pad([example["input_ids"] for example in examples]))
+        elif "input_values" in first:
+            values = torch.stack([torch.as_tensor(example["input_values"]) for example in examples])
+            batch["input_values"] = values if torch.is_floating_point(values) else values.float()
+        else:
+            raise KeyError("examples need an 'input_ids' or an 'input_values' entry")
+        if "labels" in first:
+            labels = torch.as_tensor([_as_label(example["labels"]) for example in examples])
+            batch["labels"] = labels if torch.is_floating_point(labels) else labels.long()
+        return batch
+
+    def _pad(self, sequences: list[Any]) -> dict[str, torch.Tensor]:
+        tensors = [torch.as_tensor(sequence, dtype=torch.long).reshape(-1) for sequence in sequences]
+        length = max(len(tensor) for tensor in tensors)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(tensors), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(tensors), length), dtype=torch.long)
+        for row, tensor in enumerate(tensors):
+            input_ids[row, : len(tensor)] = tensor
+            attention_mask[row, : len(tensor)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _as_label(label: Any) -> Any:
+    if isinstance(label, torch.Tensor):
+        return label.tolist()
+    return label
