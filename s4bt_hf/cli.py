@@ -256,7 +256,8 @@ def main(argv=None) -> int:
         result = COMMANDS[args.command](args)
     except (CliError, RunFolderError) as error:
         parser.exit(2, f"s4bt {args.command}: error: {error}\n")
-    print(json.dumps(result, default=str))
+    if os.environ.get("RANK", "0") == "0":  # one summary line, also under `accelerate launch`
+        print(json.dumps(result, default=str))
     return 0
 
 
