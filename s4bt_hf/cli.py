@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--time", default="discrete", choices=("discrete", "continuous"),
                           help="balance the discrete-time (default) or continuous-time system of each channel")
 
+    reproduce = commands.add_parser(
+        "reproduce", help="the paper's experiment: pre-train, balanced truncation, retrain vs Skew-HiPPO",
+        description="Pre-train originals of different quality, compress each to every rank, retrain the compressed "
+        "models and train Skew-HiPPO baselines of the same size with the same budget; writes results.json, "
+        "results.md, plots and model cards to the output folder. Finished stages are skipped on a re-run.")
+    reproduce.add_argument("--task", default="smnist", choices=TASK_NAMES)
+    reproduce.add_argument("--output", default="runs/reproduce", help="experiment folder (default runs/reproduce)")
+    reproduce.add_argument("--budget", default="cpu", choices=("cpu", "paper"),
+                           help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
+    reproduce.add_argument("--ranks", type=int, nargs="+", help="ranks to compress to (default: the budget's)")
+    reproduce.add_argument("--no-progress", action="store_true")
+
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model on a task split",
                                    description="Print the loss and accuracy of a saved model as JSON.")
     evaluate.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
@@ -208,39 +220,42 @@ def command_compress(args) -> dict:
 
 
 def command_evaluate(args) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from .data import task_info
     from .data.collate import PadCollator
-    from .metrics import load_accuracy
+    from .training.evaluation import evaluate_dataset
 
     if args.output and os.path.exists(args.output):
         raise CliError(f"{args.output} already exists; choose a new file for the metrics")
     model = load_model(args.model)
     check_model_fits_task(model.config, args.task)
     splits, _ = load_data(args)
-    loader = DataLoader(splits[args.split], batch_size=args.batch_size,
-                        collate_fn=PadCollator(task_info(args.task).pad_token_id or 0))
-    accuracy = load_accuracy(keep_in_memory=True)
-    model.eval()
-    loss_sum, count = 0.0, 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=f"evaluate {args.split}", disable=args.no_progress):
-            outputs = model(**batch)
-            loss_sum += outputs.loss.item() * batch["labels"].shape[0]
-            count += batch["labels"].shape[0]
-            accuracy.add_batch(predictions=outputs.logits.argmax(-1), references=batch["labels"])
-    metrics = {"model": args.model, "task": args.task, "split": args.split, "samples": count,
-               "loss": loss_sum / count, **accuracy.compute()}
+    metrics = evaluate_dataset(model, splits[args.split], batch_size=args.batch_size,
+                               collate_fn=PadCollator(task_info(args.task).pad_token_id or 0),
+                               progress=not args.no_progress, description=f"evaluate {args.split}")
+    metrics = {"model": args.model, "task": args.task, "split": args.split, **metrics}
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)
     return metrics
 
 
-COMMANDS = {"train": command_train, "compress": command_compress, "evaluate": command_evaluate}
+def command_reproduce(args) -> dict:
+    from .reproduce import default_budgets, reproduce, results_table, with_ranks
+
+    budget = with_ranks(default_budgets(args.task)[args.budget], args.ranks)
+    try:
+        results = reproduce(task=args.task, output=args.output, budget=budget, progress=not args.no_progress,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    print(results_table(results), file=sys.stderr)
+    return {"output": args.output, "results": os.path.join(args.output, "results.json"),
+            "bt_beats_baseline_at_ranks": results["claim_bt_beats_baseline_at_ranks"],
+            "pearson_original_vs_bt_retrained": results["pearson_original_vs_bt_retrained_all_ranks"]}
+
+
+COMMANDS = {"train": command_train, "compress": command_compress, "evaluate": command_evaluate,
+            "reproduce": command_reproduce}
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 the S4 parameter groups."""
 
 from .accelerate_trainer import RunFolderError, TrainingConfig, TrainResult, evaluate_model, latest_checkpoint, train
+from .evaluation import evaluate_dataset
 from .hf_trainer import S4DSSTrainer
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "S4DSSTrainer",
     "TrainResult",
     "TrainingConfig",
+    "evaluate_dataset",
     "evaluate_model",
     "latest_checkpoint",
     "train",

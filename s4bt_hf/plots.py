@@ -1,0 +1,81 @@
+"""Figures of the reproduction experiment (matplotlib, written to PNG files)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_hsv_decay(rows: list[dict], path: str) -> None:
+    """Normalised Hankel singular values (mean over channels, σ_i / σ_1) per layer, one line per
+    original model, log scale."""
+    layers = len(rows[0]["hsv"])
+    figure, axes = plt.subplots(1, layers, figsize=(4.5 * layers, 3.6), squeeze=False)
+    seen = set()
+    for row in rows:
+        key = (row["seed"], row["pretrain_epochs"])
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"seed {key[0]}, {key[1]} epochs ({100 * row['original_test_accuracy']:.1f}%)"
+        for layer, values in enumerate(row["hsv"]):
+            axes[0, layer].semilogy(range(1, len(values) + 1), values, label=label)
+    for layer in range(layers):
+        axis = axes[0, layer]
+        axis.set_title(f"layer {layer}")
+        axis.set_xlabel("index i (real states)")
+        axis.set_ylabel("σ_i / σ_1, mean over channels")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle("Hankel singular value decay of the original models")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
+    """Test accuracy (mean ± std) against SSM parameters for BT + retraining and the Skew-HiPPO
+    baseline, with the originals as a reference point."""
+    entries = results["per_rank"]
+    params = [entry["ssm_parameters"] for entry in entries]
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    for key, label, marker in (("bt_retrained", "balanced truncation + retraining", "o"),
+                               ("skew_hippo_baseline", "Skew-HiPPO, same size", "s"),
+                               ("truncated", "after truncation, no retraining", "x")):
+        axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
+                      yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
+    originals = results["original_models"]
+    axis.errorbar([originals[0]["ssm_parameters"]],
+                  [100 * sum(o["test_accuracy"] for o in originals) / len(originals)],
+                  marker="*", markersize=12, linestyle="none", label=f"original (N = {results['settings']['d_state']})")
+    axis.set_xscale("log")
+    axis.set_xlabel("SSM parameters")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{results['task']}: accuracy vs size")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_original_vs_compressed(results: dict, path: str) -> None:
+    """Accuracy of each original against that of its compressed-and-retrained models, one colour
+    per rank, with the Pearson coefficient of all points."""
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    for rank in sorted({run["rank"] for run in results["runs"]}):
+        runs = [run for run in results["runs"] if run["rank"] == rank]
+        axis.scatter([100 * run["original_test_accuracy"] for run in runs],
+                     [100 * run["bt_retrained_test_accuracy"] for run in runs], label=f"rank {rank}")
+    coefficient = results["pearson_original_vs_bt_retrained_all_ranks"]
+    axis.set_title("original vs compressed accuracy, Pearson r = "
+                   + ("undefined" if coefficient is None else f"{coefficient:.3f}"))
+    axis.set_xlabel("original test accuracy (%)")
+    axis.set_ylabel("BT + retraining test accuracy (%)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
