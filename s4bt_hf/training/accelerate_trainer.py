@@ -30,6 +30,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from ..optimization import ssm_param_groups
 
@@ -334,7 +335,13 @@ def _save_checkpoint(accelerator, config: TrainingConfig, step: int) -> None:
 
 def _save_model(accelerator, model, directory: str) -> None:
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(directory, is_main_process=accelerator.is_main_process)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar on every save
+    try:
+        accelerator.unwrap_model(model).save_pretrained(directory, is_main_process=accelerator.is_main_process)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     accelerator.wait_for_everyone()
 
 
