@@ -243,14 +243,17 @@ def command_reproduce(args) -> dict:
     from .reproduce import default_budgets, reproduce, results_table, with_ranks
 
     budget = with_ranks(default_budgets(args.task)[args.budget], args.ranks)
+    if args.ranks is not None:
+        budget.equal_total_ranks = [rank for rank in budget.equal_total_ranks if rank in args.ranks]
     try:
         results = reproduce(task=args.task, output=args.output, budget=budget, progress=not args.no_progress,
-                            log=lambda message: print(message, file=sys.stderr, flush=True))
+                            log=lambda message: print(message, file=sys.stderr, flush=True), budget_name=args.budget)
     except ValueError as error:
         raise CliError(str(error)) from error
     print(results_table(results), file=sys.stderr)
     return {"output": args.output, "results": os.path.join(args.output, "results.json"),
             "bt_beats_baseline_at_ranks": results["claim_bt_beats_baseline_at_ranks"],
+            "bt_beats_equal_total_baseline_at_ranks": results["claim_bt_beats_equal_total_baseline_at_ranks"],
             "pearson_original_vs_bt_retrained": results["pearson_original_vs_bt_retrained_all_ranks"]}
 
 

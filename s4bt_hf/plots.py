@@ -46,6 +46,12 @@ def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
                                ("truncated", "after truncation, no retraining", "x")):
         axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
                       yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
+    longer = [entry for entry in entries if entry.get("skew_hippo_equal_total_epochs")]
+    if longer:
+        axis.errorbar([entry["ssm_parameters"] for entry in longer],
+                      [100 * entry["skew_hippo_equal_total_epochs"]["mean"] for entry in longer],
+                      yerr=[100 * entry["skew_hippo_equal_total_epochs"]["std"] for entry in longer], marker="^",
+                      capsize=3, linestyle="--", label="Skew-HiPPO, same size, equal total epochs")
     originals = results["original_models"]
     axis.errorbar([originals[0]["ssm_parameters"]],
                   [100 * sum(o["test_accuracy"] for o in originals) / len(originals)],

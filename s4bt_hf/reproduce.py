@@ -66,24 +66,27 @@ class Budget:
     data: dict = field(default_factory=dict)
     eval_batch_size: int = 100
     mixed_precision: str = "no"
+    # ranks at which a second baseline trains as many epochs as the BT arm in total (original's
+    # pre-training + main training): BT's advantage must be more than extra training
+    equal_total_ranks: list[int] = field(default_factory=list)
 
 
 def default_budgets(task: str) -> dict[str, Budget]:
     """`cpu`: finishes in about 15 minutes on 2 CPU cores. `paper`: the LRA-scale recipe
     (DSS paper's ListOps settings; a long sMNIST schedule), meant for a GPU."""
     if task == "listops":
-        cpu = Budget(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16],
+        cpu = Budget(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16], equal_total_ranks=[2, 16],
                      originals=[(0, 4), (1, 2), (2, 1)], main_epochs=2, batch_size=50, norm="batch",
                      prenorm=False, data={"num_train": 2000, "num_validation": 200, "num_test": 200,
                                           "min_length": 20, "max_length": 200})
-        paper = Budget(d_model=128, n_layers=6, d_state=64, ranks=[2, 4, 8, 16, 32],
+        paper = Budget(d_model=128, n_layers=6, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
                        originals=[(0, 50), (1, 25), (2, 10)], main_epochs=50, batch_size=50, norm="batch",
                        prenorm=False, data={"num_train": 96_000, "num_validation": 2_000, "num_test": 2_000,
                                             "min_length": 500, "max_length": 2000}, mixed_precision="bf16")
     else:
-        cpu = Budget(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16],
+        cpu = Budget(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[2, 16],
                      originals=[(0, 3), (1, 2), (2, 1)], main_epochs=1, batch_size=50)
-        paper = Budget(d_model=128, n_layers=4, d_state=64, ranks=[2, 4, 8, 16, 32],
+        paper = Budget(d_model=128, n_layers=4, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
                        originals=[(0, 100), (1, 50), (2, 20)], main_epochs=100, batch_size=50, dropout=0.1,
                        mixed_precision="bf16")
     return {"cpu": cpu, "paper": paper}
@@ -125,15 +128,14 @@ def _short(result: dict) -> str:
 
 
 def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str | Budget = "cpu",
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log=print, budget_name: str | None = None) -> dict:
     """Run (or finish) the whole experiment and write its outputs; returns the results dict."""
     if isinstance(budget, str):
         budgets = default_budgets(task)
         if budget not in budgets:
             raise ValueError(f"unknown budget {budget!r}; known: {', '.join(budgets)}")
         budget_name, budget = budget, budgets[budget]
-    else:
-        budget_name = "custom"
+    budget_name = budget_name or "custom"
     _check_budget(budget)
     info = task_info(task)
     os.makedirs(output, exist_ok=True)
@@ -171,7 +173,7 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
         return S4DSSForSequenceClassification(model_config(d_state))
 
     training_recipe = {key: value for key, value in asdict(budget).items()
-                       if key not in ("ranks", "originals", "main_epochs")}
+                       if key not in ("ranks", "originals", "main_epochs", "equal_total_ranks")}
     originals = []
     for seed, epochs in budget.originals:
         config = {**common, "recipe": training_recipe, "seed": seed, "epochs": epochs, "d_state": budget.d_state}
@@ -212,7 +214,17 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
             baselines.append({"seed": seed, "rank": rank, "test_accuracy": result["test_accuracy"],
                               "ssm_parameters": result["ssm_parameters"],
                               "total_parameters": result["total_parameters"]})
-    results = _summarise(task, budget_name, budget, originals, rows, baselines)
+    equal_total = []
+    for seed, epochs in budget.originals:
+        for rank in budget.equal_total_ranks:
+            total = epochs + budget.main_epochs
+            config = {**common, "recipe": training_recipe, "seed": seed, "epochs": total, "d_state": rank,
+                      "init": "skew_hippo"}
+            result = cache.run(f"baseline-s{seed}-e{total}-r{rank}", config,
+                               lambda folder, s=seed, r=rank, t=total: train_and_test(folder, new_model(r, s), s, t),
+                               log)
+            equal_total.append({"seed": seed, "rank": rank, "epochs": total, "test_accuracy": result["test_accuracy"]})
+    results = _summarise(task, budget_name, budget, originals, rows, baselines, equal_total)
     _write_outputs(output, results, rows, budget, task)
     return results
 
@@ -220,6 +232,8 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
 def _check_budget(budget: Budget) -> None:
     if not budget.ranks or any(not 1 <= rank <= budget.d_state for rank in budget.ranks):
         raise ValueError(f"ranks must lie in [1, d_state={budget.d_state}], got {budget.ranks}")
+    if any(rank not in budget.ranks for rank in budget.equal_total_ranks):
+        raise ValueError(f"equal_total_ranks {budget.equal_total_ranks} must be among the ranks {budget.ranks}")
     if len(budget.originals) < 1:
         raise ValueError("at least one original is needed")
 
@@ -263,13 +277,14 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def _summarise(task, budget_name, budget, originals, rows, baselines) -> dict:
+def _summarise(task, budget_name, budget, originals, rows, baselines, equal_total) -> dict:
     per_rank = []
     for rank in budget.ranks:
         mine = [row for row in rows if row["rank"] == rank]
         base = [row for row in baselines if row["rank"] == rank]
         bt = [row["bt_retrained_test_accuracy"] for row in mine]
         skew = [row["test_accuracy"] for row in base]
+        longer = [row["test_accuracy"] for row in equal_total if row["rank"] == rank]
         per_rank.append({
             "rank": rank,
             "ssm_parameters": mine[0]["ssm_parameters"],
@@ -279,6 +294,8 @@ def _summarise(task, budget_name, budget, originals, rows, baselines) -> dict:
             "bt_retrained": _mean_std(bt),
             "skew_hippo_baseline": _mean_std(skew),
             "bt_minus_baseline": statistics.fmean(bt) - statistics.fmean(skew),
+            "skew_hippo_equal_total_epochs": _mean_std(longer) if longer else None,
+            "bt_minus_equal_total_baseline": statistics.fmean(bt) - statistics.fmean(longer) if longer else None,
             "pearson_original_vs_bt_retrained": pearson([row["original_test_accuracy"] for row in mine], bt),
         })
     everything_x = [row["original_test_accuracy"] for row in rows]
@@ -294,8 +311,12 @@ def _summarise(task, budget_name, budget, originals, rows, baselines) -> dict:
         "per_rank": per_rank,
         "pearson_original_vs_bt_retrained_all_ranks": pearson(everything_x, everything_y),
         "claim_bt_beats_baseline_at_ranks": [entry["rank"] for entry in per_rank if entry["bt_minus_baseline"] > 0],
+        "claim_bt_beats_equal_total_baseline_at_ranks": [
+            entry["rank"] for entry in per_rank
+            if entry["bt_minus_equal_total_baseline"] is not None and entry["bt_minus_equal_total_baseline"] > 0],
         "runs": [{key: value for key, value in row.items() if key != "hsv"} for row in rows],
         "baselines": baselines,
+        "equal_total_baselines": equal_total,
     }
 
 
@@ -304,19 +325,24 @@ def results_table(results: dict) -> str:
     def cell(stats):
         return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
+    settings = results["settings"]
     lines = [
         f"Task {results['task']}, budget `{results['budget']}`; test accuracy in %, mean ± std over "
-        f"{len(results['original_models'])} originals (BT) and the same seeds (baseline).",
+        f"{len(results['original_models'])} originals (BT) and the same seeds (baselines). Main training and the "
+        f"Skew-HiPPO baseline: {settings['main_epochs']} epoch(s); the equal-total baseline trains as many epochs "
+        "as its seed's original and main training together.",
         "",
-        "| rank | SSM params | total params | original (N = {}) | after truncation | BT + retraining "
-        "| Skew-HiPPO baseline | BT − baseline |".format(results["settings"]["d_state"]),
-        "|---|---|---|---|---|---|---|---|",
+        f"| rank | SSM params | total params | original (N = {settings['d_state']}) | after truncation "
+        "| BT + retraining | Skew-HiPPO baseline | BT − baseline | Skew-HiPPO, equal total epochs | BT − that |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["per_rank"]:
+        longer = entry.get("skew_hippo_equal_total_epochs")
         lines.append(
             f"| {entry['rank']} | {entry['ssm_parameters']:,} | {entry['total_parameters']:,} | "
             f"{cell(entry['original'])} | {cell(entry['truncated'])} | {cell(entry['bt_retrained'])} | "
-            f"{cell(entry['skew_hippo_baseline'])} | {100 * entry['bt_minus_baseline']:+.1f} |"
+            f"{cell(entry['skew_hippo_baseline'])} | {100 * entry['bt_minus_baseline']:+.1f} | "
+            + (f"{cell(longer)} | {100 * entry['bt_minus_equal_total_baseline']:+.1f} |" if longer else "— | — |")
         )
     pearson_all = results["pearson_original_vs_bt_retrained_all_ranks"]
     lines += ["", "Pearson correlation of original vs BT-retrained accuracy (all ranks): "

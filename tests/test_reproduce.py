@@ -10,7 +10,7 @@ import pytest
 from s4bt_hf.reproduce import Budget, default_budgets, pearson, reproduce, results_table
 
 TINY = Budget(d_model=4, n_layers=1, d_state=4, ranks=[1, 2], originals=[(0, 2), (1, 1)], main_epochs=1,
-              batch_size=25, train_samples=50, eval_batch_size=250)
+              batch_size=25, train_samples=50, eval_batch_size=250, equal_total_ranks=[2])
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,9 @@ def test_outputs(experiment):
     assert saved["per_rank"] == json.loads(json.dumps(results["per_rank"]))
     assert [entry["rank"] for entry in saved["per_rank"]] == [1, 2]
     assert len(saved["runs"]) == 4 and len(saved["baselines"]) == 4
+    assert [(row["seed"], row["epochs"]) for row in saved["equal_total_baselines"]] == [(0, 3), (1, 2)]
+    assert saved["per_rank"][0]["skew_hippo_equal_total_epochs"] is None
+    assert saved["per_rank"][1]["skew_hippo_equal_total_epochs"]["n"] == 2
     for entry in saved["per_rank"]:
         for arm in ("original", "truncated", "bt_retrained", "skew_hippo_baseline"):
             assert entry[arm]["n"] == 2 and 0 <= entry[arm]["mean"] <= 1
@@ -38,7 +41,7 @@ def test_outputs(experiment):
     # SSM parameters per rank: 1 layer x 4 channels x (log_dt + D + r x (log_A_real, A_imag, B, C as pairs))
     assert [entry["ssm_parameters"] for entry in saved["per_rank"]] == [4 * (2 + 6 * 1), 4 * (2 + 6 * 2)]
     table = (output / "results.md").read_text()
-    assert table.startswith("Task smnist") and table.count("\n| ") == 3
+    assert table.startswith("Task smnist") and table.count("\n| ") == 3 and "| — | — |" in table
     for rank in (1, 2):
         card = (output / "models" / f"bt_r{rank}" / "README.md").read_text()
         assert "## Experiment" in card and "Balanced truncation" in card and "mlxtend" in card
@@ -60,7 +63,7 @@ def test_rerun_skips_finished_stages_and_new_settings_run_only_new_stages(experi
     output, results, _ = experiment
     messages = []
     again = reproduce("smnist", str(output), TINY, progress=False, log=messages.append)
-    assert len(messages) == 14 and all(message.endswith("done before, skipped") for message in messages)
+    assert len(messages) == 16 and all(message.endswith("done before, skipped") for message in messages)
     assert again["per_rank"] == results["per_rank"]
     messages = []
     reproduce("smnist", str(output), Budget(**{**TINY.__dict__, "ranks": [1, 2, 3]}), progress=False,
@@ -83,8 +86,9 @@ def test_pearson_and_budgets():
     with pytest.raises(ValueError, match="ranks must lie"):
         reproduce("smnist", "unused", Budget(**{**TINY.__dict__, "ranks": [5]}))
     assert "| 1 |" in results_table({
-        "task": "t", "budget": "b", "settings": {"d_state": 4}, "original_models": [{}],
+        "task": "t", "budget": "b", "settings": {"d_state": 4, "main_epochs": 1}, "original_models": [{}],
         "pearson_original_vs_bt_retrained_all_ranks": None,
         "per_rank": [{"rank": 1, "ssm_parameters": 1, "total_parameters": 2, "bt_minus_baseline": 0.0,
+                      "skew_hippo_equal_total_epochs": None,
                       **{arm: {"mean": 0.5, "std": 0.0} for arm in
                          ("original", "truncated", "bt_retrained", "skew_hippo_baseline")}}]})
