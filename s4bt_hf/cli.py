@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--budget", default="cpu", choices=("cpu", "paper"),
                            help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
     reproduce.add_argument("--ranks", type=int, nargs="+", help="ranks to compress to (default: the budget's)")
+    reproduce.add_argument("--equal-total-ranks", type=int, nargs="*",
+                           help="ranks that also get a Skew-HiPPO baseline trained as many epochs in total as the BT "
+                           "arm (pre-training + main training); default: the budget's (cpu: 16)")
     reproduce.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model on a task split",
@@ -243,7 +246,9 @@ def command_reproduce(args) -> dict:
     from .reproduce import default_budgets, reproduce, results_table, with_ranks
 
     budget = with_ranks(default_budgets(args.task)[args.budget], args.ranks)
-    if args.ranks is not None:
+    if args.equal_total_ranks is not None:
+        budget.equal_total_ranks = list(args.equal_total_ranks)
+    elif args.ranks is not None:
         budget.equal_total_ranks = [rank for rank in budget.equal_total_ranks if rank in args.ranks]
     try:
         results = reproduce(task=args.task, output=args.output, budget=budget, progress=not args.no_progress,

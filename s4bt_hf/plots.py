@@ -61,7 +61,7 @@ def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
     axis.set_ylabel("test accuracy (%)")
     axis.set_title(f"{results['task']}: accuracy vs size")
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

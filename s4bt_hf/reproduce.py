@@ -75,7 +75,7 @@ def default_budgets(task: str) -> dict[str, Budget]:
     """`cpu`: finishes in about 15 minutes on 2 CPU cores. `paper`: the LRA-scale recipe
     (DSS paper's ListOps settings; a long sMNIST schedule), meant for a GPU."""
     if task == "listops":
-        cpu = Budget(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16], equal_total_ranks=[2, 16],
+        cpu = Budget(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
                      originals=[(0, 4), (1, 2), (2, 1)], main_epochs=2, batch_size=50, norm="batch",
                      prenorm=False, data={"num_train": 2000, "num_validation": 200, "num_test": 200,
                                           "min_length": 20, "max_length": 200})
@@ -84,7 +84,7 @@ def default_budgets(task: str) -> dict[str, Budget]:
                        prenorm=False, data={"num_train": 96_000, "num_validation": 2_000, "num_test": 2_000,
                                             "min_length": 500, "max_length": 2000}, mixed_precision="bf16")
     else:
-        cpu = Budget(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[2, 16],
+        cpu = Budget(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
                      originals=[(0, 3), (1, 2), (2, 1)], main_epochs=1, batch_size=50)
         paper = Budget(d_model=128, n_layers=4, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
                        originals=[(0, 100), (1, 50), (2, 20)], main_epochs=100, batch_size=50, dropout=0.1,
