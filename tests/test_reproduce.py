@@ -92,3 +92,15 @@ def test_pearson_and_budgets():
                       "skew_hippo_equal_total_epochs": None,
                       **{arm: {"mean": 0.5, "std": 0.0} for arm in
                          ("original", "truncated", "bt_retrained", "skew_hippo_baseline")}}]})
+
+
+def test_listops_runs_through_the_same_pipeline(tmp_path):
+    budget = Budget(d_model=4, n_layers=1, d_state=4, ranks=[2], originals=[(0, 1)], main_epochs=1, batch_size=20,
+                    norm="batch", prenorm=False, eval_batch_size=100,
+                    data={"num_train": 40, "num_validation": 20, "num_test": 20, "min_length": 10, "max_length": 40})
+    results = reproduce("listops", str(tmp_path / "listops"), budget, progress=False, log=lambda message: None)
+    entry = results["per_rank"][0]
+    assert entry["rank"] == 2 and 0 <= entry["bt_retrained"]["mean"] <= 1
+    assert entry["pearson_original_vs_bt_retrained"] is None  # one original: undefined, not invented
+    config = json.loads((tmp_path / "listops" / "models" / "bt_r2" / "config.json").read_text())
+    assert config["vocab_size"] == 16 and config["pad_token_id"] == 0 and config["d_state"] == 2
