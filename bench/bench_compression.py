@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 
 import torch
+from bench_common import available_cores, log
 
 from s4bt_hf import S4DSSConfig, S4DSSModel
 from s4bt_hf import balanced_truncation as bt
@@ -54,16 +54,6 @@ def parse_args() -> argparse.Namespace:
     if args.rank > args.d_state:
         parser.error(f"--rank {args.rank} is larger than --d-state {args.d_state}")
     return args
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def rounded(seconds: float) -> float:

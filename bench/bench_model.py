@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from bench_common import available_cores, log
 
 from s4bt_hf import S4DSSConfig, S4DSSModel
 
@@ -46,16 +47,6 @@ def parse_args() -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     return args
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def synchronize(device: torch.device) -> None:

@@ -40,13 +40,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from bench_common import available_cores, log
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
@@ -85,16 +85,6 @@ def parse_args() -> argparse.Namespace:
     if math.ceil(args.samples / args.batch_size) < 2:
         parser.error("--samples must give at least 2 batches (the max_steps=1 estimate and the step spacing need it)")
     return args
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def load_data(samples: int):
