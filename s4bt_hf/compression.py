@@ -77,8 +77,8 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
         time=time,
         kernel_length=kernel_length,
         layers=reports,
-        ssm_parameters_before=_ssm_parameter_count(model),
-        ssm_parameters_after=_ssm_parameter_count(compressed),
+        ssm_parameters_before=ssm_parameter_count(model),
+        ssm_parameters_after=ssm_parameter_count(compressed),
         total_parameters_before=sum(p.numel() for p in model.parameters()),
         total_parameters_after=sum(p.numel() for p in compressed.parameters()),
         tol=tol,
@@ -248,7 +248,8 @@ def _parameter_prefix(model, kernel) -> str:
     raise RuntimeError("DSS kernel not found in the model")  # unreachable for S4-DSS models
 
 
-def _ssm_parameter_count(model) -> int:
+def ssm_parameter_count(model) -> int:
+    """Parameters of all DSS kernels (modes, step, input and output vectors, skip)."""
     return sum(
         parameter.numel()
         for module in model.modules()

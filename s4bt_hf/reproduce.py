@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .compression import ssm_parameter_count
 from .configuration_s4dss import S4DSSConfig
 from .data import load_task, task_info
 from .data.collate import PadCollator
@@ -138,6 +139,7 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     budget_name = budget_name or "custom"
     _check_budget(budget)
     info = task_info(task)
+    output = os.path.abspath(output)  # stage results hold paths: the same from any working directory
     os.makedirs(output, exist_ok=True)
     cache = StageCache(output)
     splits = load_task(task, **budget.data).with_format("torch")
@@ -165,7 +167,7 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
                                                               dtype=torch.float32)
         test = evaluate_dataset(best, splits["test"], budget.eval_batch_size, collate)
         return {"validation_accuracy": result.best_accuracy, "test_accuracy": test["accuracy"],
-                "model": os.path.join(folder, "run", "best"), "ssm_parameters": _ssm_parameters(best),
+                "model": os.path.join(folder, "run", "best"), "ssm_parameters": ssm_parameter_count(best),
                 "total_parameters": sum(p.numel() for p in best.parameters())}
 
     def new_model(d_state: int, seed: int):
@@ -183,12 +185,14 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     rows = []
     for (seed, epochs), original in zip(budget.originals, originals, strict=True):
         for rank in budget.ranks:
-            compress_config = {"original": original["folder"], "rank": rank}
+            # upstream stages by their cache key (folder name), not by path
+            compress_config = {"original": os.path.basename(original["folder"]), "rank": rank}
             compressed = cache.run(f"compress-s{seed}-e{epochs}-r{rank}", compress_config,
                                    lambda folder, o=original, r=rank: _compress(o, r, folder, splits["test"],
                                                                                  budget.eval_batch_size, collate),
                                    log)
-            retrain_config = {"compressed": compressed["folder"], "recipe": training_recipe, "seed": seed,
+            retrain_config = {"compressed": os.path.basename(compressed["folder"]), "recipe": training_recipe,
+                              "seed": seed,
                               "epochs": budget.main_epochs}
             retrained = cache.run(
                 f"retrain-s{seed}-e{epochs}-r{rank}", retrain_config,
@@ -255,10 +259,6 @@ def _compress(original: dict, rank: int, folder: str, test_split, batch_size: in
     return {"test_accuracy": test["accuracy"], "model": path, "hsv": hsv,
             "kept_energy": [layer.layer_kept_energy for layer in report.layers],
             "max_relative_kernel_error": max(layer.max_relative_kernel_error for layer in report.layers)}
-
-
-def _ssm_parameters(model) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if ".kernel." in name)
 
 
 def _mean_std(values: list[float]) -> dict:
