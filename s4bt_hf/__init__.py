@@ -7,6 +7,7 @@ Importing the package registers the model with `AutoConfig`, `AutoModel` and
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+from .compression_report import CompressionReport, LayerCompression
 from .configuration_s4dss import S4DSSConfig
 from .modeling_s4dss import (
     S4DSSForSequenceClassification,
@@ -27,6 +28,8 @@ S4DSSModel.register_for_auto_class("AutoModel")
 S4DSSForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "CompressionReport",
+    "LayerCompression",
     "S4DSSConfig",
     "S4DSSForSequenceClassification",
     "S4DSSModel",
