@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+from transformers.utils import cached_file
 from transformers.utils.generic import can_return_tuple
 
 from .compression import balanced_truncate_model
@@ -42,6 +43,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_s4dss.S4DSSModel",
     "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
 }
+
+# `from_pretrained` arguments that say where and how to fetch files of a checkpoint.
+_HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 # Parameters of the SSM dynamics (modes, step, input vector): they get `config.ssm_lr` and
 # `config.ssm_weight_decay`. Matched by name, because attributes set on Parameter objects do not
@@ -302,12 +306,15 @@ class S4DSSPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the compression report of a local compressed
-        checkpoint (for Hub repos read it with `CompressionReport.load` on a downloaded copy)."""
+        """`PreTrainedModel.from_pretrained`, plus the compression report of a compressed
+        checkpoint (`compression_report.json`, from a folder or a Hub repo)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        path = os.path.join(str(pretrained_model_name_or_path), REPORT_FILE)
-        if os.path.isfile(path):
-            model.compression_report = CompressionReport.load(str(pretrained_model_name_or_path))
+        hub_options = {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
+        report_path = cached_file(str(pretrained_model_name_or_path), REPORT_FILE,
+                                  _raise_exceptions_for_missing_entries=False,
+                                  _raise_exceptions_for_connection_errors=False, **hub_options)
+        if report_path is not None:
+            model.compression_report = CompressionReport.load(os.path.dirname(report_path))
         return model
 
     def balanced_truncate(self, rank=None, *, tol=None, time: str = "discrete", kernel_length: int = 1024,

@@ -86,6 +86,10 @@ PUSH_SCRIPT = textwrap.dedent(
     # One entry per kind of model to push.
     BUILDERS = {"tiny": build_tiny, "compressed": build_compressed}
 
+    def report_of(model):
+        return None if model.compression_report is None else model.compression_report.to_dict()
+
+
     builder, repo_id, input_path, output_path = sys.argv[1:5]
     model = BUILDERS[builder]()
     commit = model.push_to_hub(repo_id)
@@ -110,6 +114,8 @@ PUSH_SCRIPT = textwrap.dedent(
                 "commit_oid": commit.oid,
                 "repo_url": str(commit.repo_url),
                 "reloaded_class": type(reloaded).__name__,
+                "reloaded_report": report_of(reloaded),
+                "pushed_report": report_of(model),
                 "reloaded_module": type(reloaded).__module__,
             },
             handle,
@@ -285,6 +291,7 @@ def test_compressed_model_push_holds_report_and_card_and_reloads(hub, pushed_com
     readme = files["README.md"].decode("utf-8")
     assert "Balanced truncation" in readme and "8 → 3" in readme
 
+    assert pushed_compressed["report"]["reloaded_report"] == pushed_compressed["report"]["pushed_report"] is not None
     results = pushed_compressed["results"]
     _assert_state_dicts_equal(results["pushed_state"], results["reloaded_state"])
     assert torch.equal(results["reloaded_logits"], results["pushed_logits"])
