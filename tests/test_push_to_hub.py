@@ -62,9 +62,9 @@ PUSH_SCRIPT = textwrap.dedent(
     import s4bt_hf
 
 
-    def build_tiny():
+    def build_tiny(d_state=4):
         torch.manual_seed(0)
-        config = s4bt_hf.S4DSSConfig(vocab_size=12, d_model=8, n_layers=2, d_state=4, num_labels=3)
+        config = s4bt_hf.S4DSSConfig(vocab_size=12, d_model=8, n_layers=2, d_state=d_state, num_labels=3)
         model = s4bt_hf.S4DSSForSequenceClassification(config)
         # O(1) classifier weights, so the logits are O(1) and comparing them means something.
         generator = torch.Generator().manual_seed(1234)
@@ -74,13 +74,7 @@ PUSH_SCRIPT = textwrap.dedent(
 
 
     def build_compressed():
-        torch.manual_seed(0)
-        config = s4bt_hf.S4DSSConfig(vocab_size=12, d_model=8, n_layers=2, d_state=8, num_labels=3)
-        model = s4bt_hf.S4DSSForSequenceClassification(config)
-        generator = torch.Generator().manual_seed(1234)
-        with torch.no_grad():
-            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=generator))
-        return model.eval().balanced_truncate(rank=3)
+        return build_tiny(d_state=8).balanced_truncate(rank=3)
 
 
     # One entry per kind of model to push.
