@@ -530,7 +530,7 @@ class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        mask = _check_attention_mask(attention_mask, hidden_states.shape[:2])
+        mask = None if attention_mask is None else attention_mask != 0  # validated by the backbone
         logits = self.classifier(_pool(hidden_states, mask, self.config.pooling))
         loss = None
         if labels is not None:
