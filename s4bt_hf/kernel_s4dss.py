@@ -42,6 +42,12 @@ def zoh_discretize(modes: torch.Tensor, log_dt: torch.Tensor, input_vec: torch.T
     return dt_modes, input_bar
 
 
+def complex_exp(exponent: torch.Tensor) -> torch.Tensor:
+    """exp(z) = e^{Re z} (cos Im z + i sin Im z), through `torch.polar`: the same values as
+    `torch.exp` on complex input (to rounding), about twice as fast on CPU."""
+    return torch.polar(torch.exp(exponent.real), exponent.imag)
+
+
 def vandermonde_kernel(log_a_bar: torch.Tensor, weights: torch.Tensor, length: int) -> torch.Tensor:
     """K[c, h, k] = Re Σ_n W[c, h, n] · exp(k · log Ā[h, n])  for k = 0 .. length-1.
 
@@ -59,8 +65,8 @@ def vandermonde_kernel(log_a_bar: torch.Tensor, weights: torch.Tensor, length: i
     real_dtype = log_a_bar.real.dtype
     offsets = torch.arange(block, device=log_a_bar.device, dtype=real_dtype)
     starts = torch.arange(num_blocks, device=log_a_bar.device, dtype=real_dtype) * block
-    inner = torch.exp(log_a_bar.unsqueeze(-1) * offsets)  # (H, N, S)
-    outer = torch.exp(log_a_bar.unsqueeze(-1) * starts)  # (H, N, M)
+    inner = complex_exp(log_a_bar.unsqueeze(-1) * offsets)  # (H, N, S)
+    outer = complex_exp(log_a_bar.unsqueeze(-1) * starts)  # (H, N, M)
     # (c, H, N, M) -> (H, c*M, N): one row per (output, block start)
     scaled = (weights.unsqueeze(-1) * outer.unsqueeze(0)).permute(1, 0, 3, 2)
     scaled = scaled.reshape(num_channels, channels_out * num_blocks, num_modes)

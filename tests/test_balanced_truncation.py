@@ -11,13 +11,18 @@ import torch
 from s4bt_hf.balanced_truncation import (
     CONTINUOUS,
     DISCRETE,
+    apply_siso_symmetrizer,
     error_bound,
     fold_conjugate_pairs,
     hankel_singular_values,
+    hankel_svd,
     kept_energy,
+    psd_factor,
+    reachability_gramian,
     real_gramians,
     real_realization,
     reduce_to_modes,
+    symmetric_hankel_svd,
 )
 
 
@@ -122,9 +127,10 @@ def test_reduced_kernel_error_stays_within_the_a_priori_bound(outputs, seed):
         torch.testing.assert_close(reduced.error_bound, 2 * tail.sum(-1))
 
 
+@pytest.mark.parametrize("outputs", [1, 2])
 @pytest.mark.parametrize("time", [DISCRETE, CONTINUOUS])
-def test_full_rank_reproduces_the_kernel(time):
-    system = random_discrete_systems(10, 6, outputs=2, max_radius=0.9, seed=7)
+def test_full_rank_reproduces_the_kernel(time, outputs):
+    system = random_discrete_systems(10, 6, outputs=outputs, max_radius=0.9, seed=7)
     modes, input_vec, output_vec = system
     if time == CONTINUOUS:  # the same systems as continuous-time ones: λ = log a
         modes = torch.log(modes)
@@ -180,3 +186,70 @@ def test_kept_energy_and_bound_formulas():
     kept = torch.tensor([2, 1])
     torch.testing.assert_close(kept_energy(sigma, kept), torch.tensor([0.75, 1.0], dtype=torch.float64))
     torch.testing.assert_close(error_bound(sigma, kept), torch.tensor([4.0, 0.0], dtype=torch.float64))
+
+
+def residue_form_system(count, num_modes, seed, time=DISCRETE):
+    """Random single-output systems written with unit input: (a, 1, w) with w = c ⊙ b."""
+    modes, input_vec, output_vec = random_discrete_systems(count, num_modes, outputs=1, max_radius=0.95, seed=seed)
+    if time == CONTINUOUS:
+        modes = torch.log(modes)
+    return modes, torch.ones_like(input_vec), output_vec * input_vec.unsqueeze(-2)
+
+
+@pytest.mark.parametrize("time", [DISCRETE, CONTINUOUS])
+def test_siso_symmetrizer_ties_the_two_gramians(time):
+    """S A = Aᵀ S and S B = C_realᵀ on the dense real realisation, hence Q = S P S (scipy's
+    Lyapunov solution for Q)."""
+    modes, input_vec, output_vec = residue_form_system(4, 5, seed=21, time=time)
+    state, input_real, output_real = real_realization(modes, input_vec, output_vec)
+    identity = torch.eye(10, dtype=torch.float64).expand(4, 10, 10)
+    symmetrizer = apply_siso_symmetrizer(output_vec[:, 0], identity)
+    torch.testing.assert_close(symmetrizer, symmetrizer.mT, rtol=0, atol=0)
+    torch.testing.assert_close(symmetrizer @ state, state.mT @ symmetrizer, rtol=0, atol=1e-14)
+    torch.testing.assert_close((symmetrizer @ input_real.unsqueeze(-1)).squeeze(-1), output_real[:, 0], rtol=0,
+                               atol=1e-15)
+    reach = reachability_gramian(modes, input_vec, time).numpy()
+    for index in range(4):
+        a, c = state[index].numpy(), output_real[index].numpy()
+        if time == DISCRETE:
+            expected_obs = scipy.linalg.solve_discrete_lyapunov(a.T, c.T @ c)
+        else:
+            expected_obs = scipy.linalg.solve_continuous_lyapunov(a.T, -c.T @ c)
+        tied = symmetrizer[index].numpy() @ reach[index] @ symmetrizer[index].numpy()
+        np.testing.assert_allclose(tied, expected_obs, atol=1e-9 * abs(expected_obs).max())
+
+
+def test_symmetric_hankel_svd_is_the_svd_of_the_factor_product():
+    """U diag(σ) Vᵀ = L_oᵀ L_c with L_o = S L_c, orthonormal U and V, and σ equal to the
+    singular values from the general two-Gramian route (`hankel_svd`)."""
+    modes, input_vec, output_vec = residue_form_system(6, 7, seed=22)
+    reach_factor = psd_factor(reachability_gramian(modes, input_vec, DISCRETE))[0]
+    left, sigma, right_t, obs_factor = symmetric_hankel_svd(reach_factor, output_vec[:, 0])
+    product = obs_factor.mT @ reach_factor
+    torch.testing.assert_close(left @ torch.diag_embed(sigma) @ right_t, product, rtol=0,
+                               atol=1e-12 * float(sigma.max()))
+    identity = torch.eye(14, dtype=torch.float64).expand(6, 14, 14)
+    torch.testing.assert_close(left.mT @ left, identity, rtol=0, atol=1e-12)
+    torch.testing.assert_close(right_t @ right_t.mT, identity, rtol=0, atol=1e-12)
+    assert torch.all(sigma[:, :-1] >= sigma[:, 1:])
+    _, obs = real_gramians(modes, input_vec, output_vec, DISCRETE)
+    _, general_sigma, _ = hankel_svd(reach_factor, psd_factor(obs)[0])
+    torch.testing.assert_close(sigma, general_sigma, rtol=0, atol=1e-12 * float(sigma.max()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_output_route_equals_the_general_two_gramian_route(seed):
+    """A single-output system goes through the symmetric route; the same system with an extra
+    all-zero output row goes through two Gramians and an SVD. HSVs, bound and reduced kernel agree."""
+    modes, input_vec, output_vec = random_discrete_systems(12, 8, outputs=1, max_radius=0.95, seed=30 + seed)
+    padded_output = torch.cat([output_vec, torch.zeros_like(output_vec)], dim=-2)
+    for rank in (2, 3, 5):
+        symmetric = reduce_to_modes(modes, input_vec, output_vec, rank)
+        general = reduce_to_modes(modes, input_vec, padded_output, rank)
+        scale = float(general.hankel_singular_values.max())
+        torch.testing.assert_close(symmetric.hankel_singular_values, general.hankel_singular_values, rtol=0,
+                                   atol=1e-11 * scale)
+        assert torch.equal(symmetric.kept_states, general.kept_states)
+        torch.testing.assert_close(symmetric.error_bound, general.error_bound, rtol=1e-8, atol=1e-11 * scale)
+        torch.testing.assert_close(kernel(symmetric.modes, symmetric.residues, 400),
+                                   kernel(general.modes, general.residues, 400)[..., :1, :], rtol=0, atol=1e-7)
