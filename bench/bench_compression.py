@@ -3,8 +3,9 @@
 Wall time of `model.balanced_truncate(rank=...)` on a seeded S4DSSModel (input_dim 1, Skew-HiPPO
 modes), by default 6 layers x 256 channels x 64 modes compressed to rank 16, best of `--repeats`
 runs (target: 1 s). Also a breakdown for ONE layer: the pure-math steps of
-`s4bt_hf.balanced_truncation` on that layer's systems, built as `compression.py` builds them, and
-the model-level overhead (total minus the sum of the layers' `reduce_to_modes`).
+`s4bt_hf.balanced_truncation` on that layer's systems, built as `compression.py` builds them, the
+model-level overhead (total minus the sum of the layers' `reduce_to_modes`), and a floor: the time
+of only the dense eigenvalue computations that give the Hankel singular values.
 
 Prints exactly one JSON line to stdout; progress goes to stderr.
 
@@ -82,43 +83,93 @@ def chunk_size(channels: int, workers: int) -> int:
     return max(1, min(getattr(bt, "_CHUNK_SIZE", 64), -(-channels // workers)))
 
 
-def step_breakdown(system, rank: int, repeats: int) -> dict:
-    """Single-threaded wall time of each step of `_reduce_flat` on one layer, summed over the chunks
-    `reduce_to_modes` splits the layer into (comparable with `reduce_to_modes_serial`)."""
+def balancing_steps(system) -> dict[str, Callable]:
+    """The steps of `_balancing_factors` on one chunk of systems, as functions of the previous
+    steps' results: Gramian(s), Cholesky factor(s), decomposition of L_oᵀ L_c (a symmetric
+    eigendecomposition for one output, an SVD otherwise)."""
+    modes, input_vec, output_vec = system
+    if output_vec.shape[-2] == 1:
+        unit, residues = bt._residue_form(input_vec, output_vec)
+        return {
+            "gramians": lambda: bt.reachability_gramian(modes, unit, TIME_DOMAIN),
+            "cholesky": lambda reach: bt.psd_factor(reach),
+            "hankel_decomposition": lambda factor: bt.symmetric_hankel_svd(factor[0], residues[:, 0]),
+        }
+    return {
+        "gramians": lambda: bt.real_gramians(modes, input_vec, output_vec, TIME_DOMAIN),
+        "cholesky": lambda gramians: (bt.psd_factor(gramians[0]), bt.psd_factor(gramians[1])),
+        "hankel_decomposition": lambda factors: bt.hankel_svd(factors[0][0], factors[1][0]),
+    }
+
+
+def eigenvalues_only(system) -> Callable[[], object]:
+    """Only the dense eigenvalue (one output) or singular value computation that yields the
+    Hankel singular values of a chunk, on its precomputed 2N x 2N matrix: no Gramians, no
+    factors, no vectors, no projection. No exact method of this kind can be faster."""
+    steps = balancing_steps(system)
+    factors = steps["cholesky"](steps["gramians"]())
+    modes, input_vec, output_vec = system
+    if output_vec.shape[-2] == 1:
+        residues = bt._residue_form(input_vec, output_vec)[1][:, 0]
+        product = factors[0].mT @ bt.apply_siso_symmetrizer(residues, factors[0])
+        return lambda: torch.linalg.eigvalsh(product)
+    product = factors[1][0].mT @ factors[0][0]
+    return lambda: torch.linalg.svdvals(product)
+
+
+def chunks_of(system) -> list:
+    """The chunks `reduce_to_modes` splits a layer's systems into, in complex128."""
     modes, input_vec, output_rows, _ = system
     flat = [tensor.to(torch.complex128) for tensor in (modes, input_vec, output_rows)]
     chunk = chunk_size(modes.shape[0], torch.get_num_threads())
-    pieces = list(zip(*(tensor.split(chunk) for tensor in flat), strict=True))
+    return list(zip(*(tensor.split(chunk) for tensor in flat), strict=True))
 
-    inputs = []  # what each step gets, per chunk, computed once outside the timings
-    for piece in pieces:
-        reach, obs = bt.real_gramians(*piece, TIME_DOMAIN)
-        reach_factor, obs_factor = bt.psd_factor(reach)[0], bt.psd_factor(obs)[0]
-        inputs.append((piece, reach, obs, reach_factor, obs_factor))
 
-    def over_chunks(step: Callable) -> Callable[[], None]:
-        return lambda: [step(*chunk_inputs) for chunk_inputs in inputs]
-
-    steps = {
-        "real_gramians": lambda piece, reach, obs, rf, of: bt.real_gramians(*piece, TIME_DOMAIN),
-        "psd_factor_reach": lambda piece, reach, obs, rf, of: bt.psd_factor(reach),
-        "psd_factor_obs": lambda piece, reach, obs, rf, of: bt.psd_factor(obs),
-        "hankel_svd": lambda piece, reach, obs, rf, of: bt.hankel_svd(rf, of),
-    }
+def single_threaded(function: Callable, repeats: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = {name: rounded(best_time(over_chunks(step), repeats)[0]) for name, step in steps.items()}
+        return best_time(function, repeats)[0]
     finally:
         torch.set_num_threads(threads)
+
+
+def step_breakdown(system, rank: int, repeats: int) -> dict:
+    """Single-threaded wall time of each step of `_reduce_flat` on one layer, summed over the chunks
+    `reduce_to_modes` splits the layer into (comparable with `reduce_to_modes_serial`)."""
+    pieces = chunks_of(system)
+    step_lists = [balancing_steps(piece) for piece in pieces]
+    names = list(step_lists[0])
+    # each step's input, computed once outside the timings
+    inputs = []
+    for steps in step_lists:
+        values = [()]
+        for name in names[:-1]:
+            values.append((steps[name](*values[-1]),))
+        inputs.append(values)
+    result = {
+        name: rounded(single_threaded(
+            lambda position=position, name=name: [steps[name](*values[position])
+                                                   for steps, values in zip(step_lists, inputs, strict=True)],
+            repeats))
+        for position, name in enumerate(names)
+    }
+    modes, input_vec, output_rows, _ = system
     serial = best_time(lambda: bt.reduce_to_modes(modes, input_vec, output_rows, rank, time=TIME_DOMAIN,
                                                   workers=1), repeats)[0]
     result["reduce_to_modes_serial"] = rounded(serial)
     # projection, re-diagonalisation (eig + inv), folding, chunk/thread bookkeeping
-    result["rest_of_reduce_to_modes_serial"] = rounded(serial - sum(result[name] for name in steps))
+    result["rest_of_reduce_to_modes_serial"] = rounded(serial - sum(result[name] for name in names))
     result["chunks"] = len(pieces)
-    result["chunk_size"] = chunk
+    result["chunk_size"] = pieces[0][0].shape[0]
     return result
+
+
+def eigenvalue_floor(systems, repeats: int) -> float:
+    """Seconds for only the Hankel-singular-value eigen/singular-value computations of every
+    channel of every layer, single-threaded, divided by the thread count (perfect scaling)."""
+    work = [eigenvalues_only(piece) for system in systems for piece in chunks_of(system)]
+    return single_threaded(lambda: [function() for function in work], repeats) / torch.get_num_threads()
 
 
 def accuracy(report) -> dict:
@@ -167,6 +218,8 @@ def main() -> None:
     one_layer["parallel_speedup"] = round(one_layer["reduce_to_modes_serial"] / max(per_layer[0], 1e-9), 2)
     log(f"layer 0 steps: {one_layer}")
     reduce_total = sum(per_layer)
+    floor = eigenvalue_floor(systems, args.repeats)
+    log(f"eigenvalues only (floor): {floor:.3f} s")
 
     result = {
         "benchmark": "balanced_truncation",
@@ -183,6 +236,7 @@ def main() -> None:
         "seconds_all": [rounded(value) for value in seconds_all],
         "target_seconds": TARGET_SECONDS,
         "meets_target": seconds <= TARGET_SECONDS,
+        "eigenvalues_only_floor_seconds": rounded(floor),
         "breakdown": {
             "meaning": (
                 "seconds, best of `repeats`. one_layer: reduce_to_modes as balanced_truncate calls it "
@@ -190,7 +244,10 @@ def main() -> None:
                 "splits the layer into, so steps + rest = reduce_to_modes_serial (workers=1). "
                 "model_overhead = seconds - reduce_to_modes_all_layers (layer systems, kernel errors, "
                 "report, new model); layer_systems_all_layers is part of it. parallel_speedup = "
-                "reduce_to_modes_serial / reduce_to_modes."
+                "reduce_to_modes_serial / reduce_to_modes. eigenvalues_only_floor_seconds (top level): only "
+                "the dense eigvalsh (one output) or svdvals (two outputs) of every channel's 2N x 2N matrix "
+                "that yields its Hankel singular values, single-threaded time / threads: a lower bound for "
+                "any exact method that decomposes that matrix."
             ),
             "one_layer": one_layer,
             "reduce_to_modes_per_layer": [rounded(value) for value in per_layer],

@@ -356,14 +356,17 @@ def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: c
     padding = torch.ones((count, rank), dtype=torch.bool)
     condition = sigma.new_ones(count)
     pending = kept > 0
+    # column i of V_m, W_m depends on the i-th triplet only: the projectors for fewer states are
+    # leading columns of these (so the 2N x 2N factors are never indexed again)
+    right_all, left_all = truncation_projectors(
+        reach_factor, obs_factor, left, sigma.clamp_min(torch.finfo(sigma.dtype).tiny), right_t, int(kept.max())
+    )
     while pending.any():
         for order in kept[pending].unique().tolist():
             select = (pending & (kept == order)).nonzero().squeeze(-1)
-            right, left_proj = truncation_projectors(
-                reach_factor[select], obs_factor[select], left[select], sigma[select], right_t[select], order
-            )
             state, reduced_in, reduced_out = project_system(
-                modes[select], input_vec[select], output_vec[select], right, left_proj
+                modes[select], input_vec[select], output_vec[select],
+                right_all[select, :, :order], left_all[select, :, :order]
             )
             eigenvalues, modal_residues, cond = diagonalize(state, reduced_in, reduced_out)
             fits = modes_needed(eigenvalues) <= rank
