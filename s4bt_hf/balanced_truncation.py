@@ -15,7 +15,9 @@ Writing x = x_r + i x_i, this is the real 2N-state system with state [x_r; x_i]
     A = [[Re a, -Im a], [Im a, Re a]],   B = [Re b; Im b],   C_real = [Re C, -Im C],
 
 and that real system is the one balanced here (balancing the complex N-state system instead
-would balance an operator the layer does not compute). Reducing it to m real states and
+would balance an operator the layer does not compute). With one output (p = 1) its Hankel
+operator is symmetric; `symmetric_hankel_svd` uses that to need one Gramian and an
+eigendecomposition instead of two Gramians and an SVD. Reducing it to m real states and
 diagonalising gives conjugate pairs (μ, μ̄), each held by ONE complex mode of the layer with
 residue 2·c·b, and real poles, each needing a mode of its own; so `rank` r complex modes hold
 m = 2r real states when no real pole appears, and fewer otherwise (`reduce_to_modes`).
@@ -284,9 +286,11 @@ def reduce_to_modes(
     """Balanced truncation of real-output diagonal systems to `rank` complex modes each.
 
     Per system: Gramians of the real realisation (`real_gramians`), factors (`psd_factor`),
-    Hankel singular values (`hankel_svd`), projection to m real states from the leading m
-    triplets (`truncation_projectors`, `project_system`), re-diagonalisation (`diagonalize`)
-    and folding of conjugate pairs into complex modes (`fold_conjugate_pairs`). m starts at
+    Hankel singular values (`hankel_svd`; with one output p = 1 the system is written with unit
+    input and goes through `symmetric_hankel_svd`: one Gramian, one symmetric eigendecomposition,
+    the same σ and triplets), projection to m real states from the leading m triplets
+    (`truncation_projectors`, `project_system`), re-diagonalisation (`diagonalize`) and folding
+    of conjugate pairs into complex modes (`fold_conjugate_pairs`). m starts at
     min(2·rank, numerical rank) and is lowered one state at a time for the systems whose
     reduced real poles would need more than `rank` modes.
 
