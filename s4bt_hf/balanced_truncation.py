@@ -128,7 +128,7 @@ def psd_factor(gramian: torch.Tensor):
         return factor, shift
     factor[pending] = 0.0
     scale = gramian.diagonal(dim1=-2, dim2=-1).amax(-1)
-    pending &= scale > 0  # a PSD matrix with a zero diagonal is zero: zero factor, no shift
+    pending &= scale != 0  # a PSD matrix with a zero diagonal is zero: zero factor, no shift
     identity = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
     for delta in _CHOLESKY_SHIFTS[1:]:
         if not pending.any():

@@ -253,3 +253,15 @@ def test_single_output_route_equals_the_general_two_gramian_route(seed):
         torch.testing.assert_close(symmetric.error_bound, general.error_bound, rtol=1e-8, atol=1e-11 * scale)
         torch.testing.assert_close(kernel(symmetric.modes, symmetric.residues, 400),
                                    kernel(general.modes, general.residues, 400)[..., :1, :], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+@pytest.mark.parametrize("bad_modes", [[1.2 + 0.3j, 1.1 - 0.2j], [1.2 + 0j, 0.5 + 0.1j], [float("nan"), 0.5 + 0j]],
+                         ids=["all-unstable", "one-unstable", "nan"])
+def test_unstable_or_non_finite_systems_raise_instead_of_returning_a_zero_system(bad_modes, outputs):
+    """Called directly (the model checks its channels first), the math refuses systems whose
+    Gramians do not exist: every |a| > 1 makes the diagonal of P negative, which must not be
+    mistaken for the zero Gramian of an unreachable system."""
+    modes = torch.tensor([bad_modes], dtype=torch.complex128)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        reduce_to_modes(modes, torch.ones_like(modes), torch.ones(1, outputs, 2, dtype=torch.complex128), 1)
