@@ -113,7 +113,7 @@ def decompositions_only(system) -> dict[str, Callable[[], object]]:
     modes, input_vec, output_vec = system
     if output_vec.shape[-2] == 1:
         residues = bt._residue_form(input_vec, output_vec)[1][:, 0]
-        product = factors[0].mT @ bt.apply_siso_symmetrizer(residues, factors[0])
+        product = bt.symmetric_hankel_product(factors[0], residues)[0]
         return {"eigenvalues_only": lambda: torch.linalg.eigvalsh(product),
                 "eigendecomposition": lambda: torch.linalg.eigh(product)}
     product = factors[1][0].mT @ factors[0][0]

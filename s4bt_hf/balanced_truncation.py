@@ -167,17 +167,25 @@ def apply_siso_symmetrizer(residues: torch.Tensor, matrix: torch.Tensor) -> torc
     return torch.cat([real * top - imag * bottom, -imag * top - real * bottom], dim=-2)
 
 
+def symmetric_hankel_product(reach_factor: torch.Tensor, residues: torch.Tensor):
+    """(L_cᵀ S L_c, L_o = S L_c) for a single-input single-output system in residue form (unit
+    input): with Q = S P S (`apply_siso_symmetrizer`), L_o = S L_c is a factor of Q and the
+    product L_oᵀ L_c = L_cᵀ S L_c is symmetric (the Hankel operator of a SISO system is)."""
+    obs_factor = apply_siso_symmetrizer(residues, reach_factor)
+    return reach_factor.mT @ obs_factor, obs_factor
+
+
 def symmetric_hankel_svd(reach_factor: torch.Tensor, residues: torch.Tensor):
     """`hankel_svd` of a single-input single-output system in residue form (unit input), from a
     symmetric eigendecomposition instead of an SVD.
 
-    With Q = S P S (`apply_siso_symmetrizer`), L_o = S L_c and the product L_oᵀ L_c = L_cᵀ S L_c is
-    symmetric (the Hankel operator of a SISO system is symmetric). Its eigendecomposition
+    The product L_oᵀ L_c = L_cᵀ S L_c is symmetric (`symmetric_hankel_product`). Its
+    eigendecomposition
         L_cᵀ S L_c = U diag(μ) Uᵀ   gives its SVD   U |μ| (U sign μ)ᵀ,   σ_i = |μ_i|,
     as accurate as the SVD (absolute error ~ ε σ_1) at about half the cost.
     Returns (U, σ, Vᵀ, L_o), σ descending, in the layout of `hankel_svd` plus the factor L_o."""
-    obs_factor = apply_siso_symmetrizer(residues, reach_factor)
-    eigenvalues, eigenvectors = torch.linalg.eigh(reach_factor.mT @ obs_factor)
+    product, obs_factor = symmetric_hankel_product(reach_factor, residues)
+    eigenvalues, eigenvectors = torch.linalg.eigh(product)
     order = eigenvalues.abs().argsort(dim=-1, descending=True)
     eigenvalues = eigenvalues.gather(-1, order)
     left = eigenvectors.gather(-1, order.unsqueeze(-2).expand_as(eigenvectors))
@@ -396,12 +404,12 @@ def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: c
 def hankel_singular_values(modes, input_vec, output_vec, time: str = DISCRETE) -> torch.Tensor:
     """Hankel singular values (..., 2N), descending, of the real-output systems (see
     `reduce_to_modes` for the arguments), computed in float64: the singular values of L_oᵀ L_c,
-    for one output the |eigenvalues| of the symmetric L_cᵀ S L_c (`symmetric_hankel_svd`)."""
+    for one output the |eigenvalues| of the symmetric L_cᵀ S L_c (`symmetric_hankel_product`)."""
     modes, input_vec, output_vec = (t.to(torch.complex128) for t in (modes, input_vec, output_vec))
     if output_vec.shape[-2] == 1:
         input_vec, output_vec = _residue_form(input_vec, output_vec)
         reach_factor = psd_factor(reachability_gramian(modes, input_vec, time))[0]
-        product = reach_factor.mT @ apply_siso_symmetrizer(output_vec[..., 0, :], reach_factor)
+        product = symmetric_hankel_product(reach_factor, output_vec[..., 0, :])[0]
         return torch.linalg.eigvalsh(product).abs().sort(dim=-1, descending=True).values
     reach, obs = real_gramians(modes, input_vec, output_vec, time)
     return torch.linalg.svdvals(psd_factor(obs)[0].mT @ psd_factor(reach)[0])

@@ -37,6 +37,16 @@ def random_discrete_systems(count, num_modes, outputs=1, max_radius=0.9, seed=0)
     return modes, input_vec, output_vec
 
 
+def random_continuous_systems(count, num_modes, outputs, seed, min_decay, frequency_scale):
+    """Random stable complex diagonal continuous-time systems: Re λ in [-1 - min_decay, -min_decay)."""
+    generator = torch.Generator().manual_seed(seed)
+    modes = torch.complex(-torch.rand(count, num_modes, generator=generator, dtype=torch.float64) - min_decay,
+                          frequency_scale * torch.randn(count, num_modes, generator=generator, dtype=torch.float64))
+    input_vec = torch.randn(count, num_modes, generator=generator, dtype=torch.complex128)
+    output_vec = torch.randn(count, outputs, num_modes, generator=generator, dtype=torch.complex128)
+    return modes, input_vec, output_vec
+
+
 def kernel(modes, residues, length):
     """K[..., p, k] = Re Σ_n residues[..., p, n] modes[..., n]^k, by repeated multiplication
     (so that 0^0 = 1 for padding modes at 0)."""
@@ -64,11 +74,8 @@ def test_discrete_gramians_match_scipy_lyapunov(outputs):
 
 
 def test_continuous_gramians_match_scipy_lyapunov():
-    generator = torch.Generator().manual_seed(3)
-    modes = torch.complex(-torch.rand(3, 4, generator=generator, dtype=torch.float64) - 0.1,
-                          5 * torch.randn(3, 4, generator=generator, dtype=torch.float64))
-    input_vec = torch.randn(3, 4, generator=generator, dtype=torch.complex128)
-    output_vec = torch.randn(3, 2, 4, generator=generator, dtype=torch.complex128)
+    modes, input_vec, output_vec = random_continuous_systems(3, 4, outputs=2, seed=3, min_decay=0.1,
+                                                             frequency_scale=5)
     reach, obs = real_gramians(modes, input_vec, output_vec, CONTINUOUS)
     state, input_real, output_real = real_realization(modes, input_vec, output_vec)
     for index in range(3):
@@ -95,11 +102,8 @@ def test_hankel_singular_values_equal_singular_values_of_the_kernel_hankel_matri
 
 
 def test_continuous_hankel_singular_values_match_scipy_square_root():
-    generator = torch.Generator().manual_seed(5)
-    modes = torch.complex(-torch.rand(2, 5, generator=generator, dtype=torch.float64) - 0.05,
-                          3 * torch.randn(2, 5, generator=generator, dtype=torch.float64))
-    input_vec = torch.randn(2, 5, generator=generator, dtype=torch.complex128)
-    output_vec = torch.randn(2, 1, 5, generator=generator, dtype=torch.complex128)
+    modes, input_vec, output_vec = random_continuous_systems(2, 5, outputs=1, seed=5, min_decay=0.05,
+                                                             frequency_scale=3)
     sigma = hankel_singular_values(modes, input_vec, output_vec, CONTINUOUS)
     state, input_real, output_real = real_realization(modes, input_vec, output_vec)
     for index in range(2):
