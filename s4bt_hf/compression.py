@@ -1,6 +1,11 @@
-"""Balanced truncation of a whole S4-DSS model: every channel of every DSS layer is reduced
-(`balanced_truncation.reduce_to_modes`) and written back as the diagonal parameters of a new,
-smaller model of the same class; every other weight is copied unchanged.
+"""Reduction of a whole S4-DSS model: every channel of every DSS layer is a diagonal system
+(`DiagonalSystem`), reduced by one of the methods of `reduction_methods.py` and written back as
+the diagonal parameters of a new, smaller model of the same class; every other weight is copied
+unchanged. The path is the same for every method: stability checks, rank choice (one rank,
+kept energy `tol`, or a model-wide `budget`), write-back (modes kept unchanged keep their
+continuous parameters; a method's direct term goes into the skip D), the optional data-aware
+refit of the output maps, and the common report fields (kernel and DC-gain errors, parameter
+counts, wall time); method-specific values go into each layer's `details`.
 
 This file is copied into saved checkpoints (remote code): it imports only torch and siblings.
 """
@@ -9,19 +14,17 @@ from __future__ import annotations
 
 import copy
 import numbers
+import time as clock
 
 import torch
 
-from .balanced_truncation import (
-    CONTINUOUS,
-    DISCRETE,
-    TIME_DOMAINS,
-    hankel_singular_values,
-    kept_energy,
-    reduce_to_modes,
-)
+from .balanced_truncation import hankel_singular_values, kept_energy
 from .compression_report import CompressionReport, LayerCompression
+from .diagonal_system import CONTINUOUS, DISCRETE, TIME_DOMAINS, DiagonalSystem, modal_dc_gain
 from .kernel_s4dss import vandermonde_kernel, zoh_discretize
+from .rank_budget import allocate_ranks, modes_for_budget, rank_gains
+from .reduction_methods import resolve_method
+from .refit import check_calibration_data, refit_output_maps
 
 SSM_PARAMETER_NAMES = ("log_dt", "log_A_real", "A_imag", "B", "C", "D")
 # Modes of padding slots (nothing to hold): a stable continuous mode with zero output.
@@ -31,18 +34,32 @@ _MAX_DISCRETE_MAGNITUDE = 1.0 - 1e-12
 _MIN_DISCRETE_MAGNITUDE = 1e-300
 
 
-def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE, kernel_length: int = 1024,
-                            workers: int | None = None):
-    """Return a new model of `model`'s class whose DSS layers are balanced truncations of
-    `model`'s, with `config.d_state` = the ranks and a `compression_report` attribute.
-    `model` is never modified. See `S4DSSPreTrainedModel.balanced_truncate` for the arguments."""
+def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=None, budget=None,
+                 time: str = DISCRETE, kernel_length: int = 1024, workers: int | None = None,
+                 calibration_data=None, **method_options):
+    """Return a new model of `model`'s class whose DSS layers are reduced by `method`, with
+    `config.d_state` = the ranks and a `compression_report` attribute. `model` is never
+    modified. See `S4DSSPreTrainedModel.reduce` for the arguments."""
+    started = clock.perf_counter()
+    reduce_layer = resolve_method(method, method_options)
     config = model.config
     layers = model.base_model.layers
     original_states = config.layer_d_states
-    _check_arguments(rank, tol, time, kernel_length, original_states)
+    _check_arguments(rank, tol, budget, time, kernel_length, workers, original_states)
+    batches = check_calibration_data(model, calibration_data) if calibration_data is not None else None
     systems = [_layer_system(index, layer.kernel, time) for index, layer in enumerate(layers)]
+    first_lags = (0, 1) if config.bidirectional else (0,)
+    banks = [DiagonalSystem(modes, input_vec, output_rows, time, first_lags)
+             for modes, input_vec, output_rows, _ in systems]
+    budget_report = None
     if tol is not None:
-        ranks = [_rank_for_energy(system, tol, time) for system in systems]
+        ranks = [_rank_for_energy(bank, tol) for bank in banks]
+    elif budget is not None:
+        total = modes_for_budget(budget, d_model=config.d_model, original_states=original_states,
+                                 output_rows=len(first_lags), ssm_parameters=ssm_parameter_count(model))
+        sigmas = [hankel_singular_values(bank.modes, bank.input_vec, bank.output_vec, time) for bank in banks]
+        ranks = allocate_ranks([rank_gains(sigma) for sigma in sigmas], total)
+        budget_report = {"budget": budget, "modes_per_channel": total, "ranks": list(ranks)}
     elif isinstance(rank, numbers.Integral):
         ranks = [int(rank)] * len(layers)
     else:
@@ -51,12 +68,14 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
     # copies: the new model must never share memory with `model`
     new_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     reports = []
-    for index, (layer, system) in enumerate(zip(layers, systems, strict=True)):
+    for index, (layer, bank, system) in enumerate(zip(layers, banks, systems, strict=True)):
         while True:
-            parameters, report = _truncate_layer(index, layer.kernel, system, ranks[index], time, kernel_length,
-                                                 workers)
+            result = reduce_layer(bank, ranks[index], pad_mode=0.0, workers=workers, **method_options)
+            parameters, report = _layer_parameters(index, layer.kernel, bank, system[3], result, ranks[index],
+                                                   kernel_length)
             # real poles can keep fewer than 2r states: raise r until the kept energy really reaches tol
-            if tol is None or report.layer_kept_energy >= tol - 1e-12 or ranks[index] == original_states[index]:
+            energy = report.layer_kept_energy
+            if tol is None or energy is None or energy >= tol - 1e-12 or ranks[index] == original_states[index]:
                 break
             ranks[index] += 1
         prefix = _parameter_prefix(model, layer.kernel)
@@ -73,6 +92,9 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
     for name, parameter in compressed.named_parameters():
         parameter.requires_grad_(model.get_parameter(name).requires_grad)
     compressed.train(model.training)
+    if batches is not None:
+        for report, errors in zip(reports, refit_output_maps(model, compressed, batches), strict=True):
+            report.refit = errors
     compressed.compression_report = CompressionReport(
         time=time,
         kernel_length=kernel_length,
@@ -81,32 +103,50 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
         ssm_parameters_after=ssm_parameter_count(compressed),
         total_parameters_before=sum(p.numel() for p in model.parameters()),
         total_parameters_after=sum(p.numel() for p in compressed.parameters()),
+        method=method,
         tol=tol,
+        options=dict(method_options),
+        budget=budget_report,
+        wall_seconds=round(clock.perf_counter() - started, 3),
     )
+    if batches is not None:  # the kernel errors above are those of the method; refit changes C and D
+        _remeasure_errors(model, compressed, kernel_length)
     return compressed
 
 
-def _check_arguments(rank, tol, time, kernel_length, original_states) -> None:
-    if (rank is None) == (tol is None):
-        raise ValueError("balanced_truncate: give exactly one of `rank` (modes per channel) or `tol` (kept energy).")
+def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE, kernel_length: int = 1024,
+                            workers: int | None = None):
+    """`reduce_model` with balanced truncation (see `S4DSSPreTrainedModel.balanced_truncate`)."""
+    return reduce_model(model, "balanced_truncation", rank, tol=tol, time=time, kernel_length=kernel_length,
+                        workers=workers)
+
+
+def _check_arguments(rank, tol, budget, time, kernel_length, workers, original_states) -> None:
+    given = [name for name, value in (("rank", rank), ("tol", tol), ("budget", budget)) if value is not None]
+    if len(given) != 1:
+        raise ValueError("reduce: give exactly one of `rank` (modes per channel), `tol` (kept Hankel energy) or "
+                         f"`budget` (modes or parameter fraction for the whole model); got {given or 'none'}.")
     if time not in TIME_DOMAINS:
-        raise ValueError(f"balanced_truncate: `time` must be one of {TIME_DOMAINS}, got {time!r}.")
+        raise ValueError(f"reduce: `time` must be one of {TIME_DOMAINS}, got {time!r}.")
     if isinstance(kernel_length, bool) or not isinstance(kernel_length, numbers.Integral) or kernel_length < 1:
-        raise ValueError(f"balanced_truncate: `kernel_length` must be a positive int, got {kernel_length!r}.")
+        raise ValueError(f"reduce: `kernel_length` must be a positive int, got {kernel_length!r}.")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral)
+                                or workers < 1):
+        raise ValueError(f"reduce: `workers` must be a positive int (threads) or None, got {workers!r}.")
     if tol is not None:
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol <= 1:
-            raise ValueError(f"balanced_truncate: `tol` is the fraction of Hankel energy to keep, in (0, 1]; "
-                             f"got {tol!r}.")
+            raise ValueError(f"reduce: `tol` is the fraction of Hankel energy to keep, in (0, 1]; got {tol!r}.")
+        return
+    if rank is None:
         return
     values = [rank] * len(original_states) if not isinstance(rank, (list, tuple)) else list(rank)
     if len(values) != len(original_states):
-        raise ValueError(f"balanced_truncate: `rank` lists {len(values)} values for {len(original_states)} layers.")
+        raise ValueError(f"reduce: `rank` lists {len(values)} values for {len(original_states)} layers.")
     for layer, (value, states) in enumerate(zip(values, original_states, strict=True)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"balanced_truncate: `rank` must be an int (complex modes per channel), got {value!r}.")
+            raise TypeError(f"reduce: `rank` must be an int (complex modes per channel), got {value!r}.")
         if not 1 <= value <= states:
-            raise ValueError(f"balanced_truncate: `rank` must be in [1, d_state={states}] for layer {layer}, "
-                             f"got {value}.")
+            raise ValueError(f"reduce: `rank` must be in [1, d_state={states}] for layer {layer}, got {value}.")
 
 
 def _layer_system(index: int, kernel, time: str):
@@ -144,12 +184,12 @@ def _channel_of(bad: torch.Tensor, name: str) -> int | str:
     return bad.transpose(0, 1).reshape(bad.shape[1], -1).any(-1).nonzero()[0].item()  # C: (p, H, N, 2)
 
 
-def _rank_for_energy(system, tol: float, time: str) -> int:
+def _rank_for_energy(system: DiagonalSystem, tol: float) -> int:
     """Smallest rank r whose 2r leading Hankel singular values of every channel together keep
     at least `tol` of the layer's Hankel energy:  Σ_h Σ_{i<=2r} σ_hi / Σ_h Σ_i σ_hi >= tol.
     A lower bound of the rank `tol` needs: with real poles a rank keeps fewer than 2r states."""
-    modes, input_vec, output_rows, _ = system
-    energy_by_position = hankel_singular_values(modes, input_vec, output_rows, time).sum(0)
+    sigma = hankel_singular_values(system.modes, system.input_vec, system.output_vec, system.time)
+    energy_by_position = sigma.sum(0)
     total = energy_by_position.sum()
     if total == 0:
         return 1
@@ -157,12 +197,11 @@ def _rank_for_energy(system, tol: float, time: str) -> int:
     return int((kept < tol - 1e-12).sum()) + 1
 
 
-def _truncate_layer(index, kernel, system, rank, time, kernel_length, workers):
-    modes, input_vec, output_rows, log_dt = system
-    result = reduce_to_modes(modes, input_vec, output_rows, rank, time=time, workers=workers)
+def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank: int, kernel_length: int):
+    """The new SSM parameters of one layer from a method's `ReducedModes`, and its report."""
+    time = bank.time
     dt = torch.exp(log_dt).unsqueeze(-1)
     reduced = result.modes
-    adjusted = torch.zeros(reduced.shape, dtype=torch.bool)
     notes = []
     if time == DISCRETE:
         magnitude = reduced.abs()
@@ -194,40 +233,90 @@ def _truncate_layer(index, kernel, system, rank, time, kernel_length, workers):
         input_vec = input_bar * continuous / torch.expm1(dt * continuous)  # B̄ = expm1(Δλ)/λ · B
     else:
         input_vec = input_bar
+    continuous, input_vec, output_vec = _keep_unchanged_modes(kernel, bank, result, continuous, input_vec, output_vec)
+    with torch.no_grad():
+        skip = kernel.D.detach().to("cpu", torch.float64) + result.feedthrough.sum(-1)
     parameters = {
         "log_A_real": torch.log(-continuous.real),
         "A_imag": continuous.imag,
         "B": torch.view_as_real(input_vec.contiguous()),
         "C": torch.view_as_real(output_vec.permute(1, 0, 2).contiguous()),
+        "D": skip,
     }
-    kernel_error, kernel_norm = _kernel_errors(kernel, parameters, kernel_length)
-    sigma = result.hankel_singular_values
+    kernel_error, kernel_norm, dc_gain_error = _kernel_errors(kernel, parameters, kernel_length)
     report = LayerCompression(
         layer=index,
-        original_d_state=modes.shape[-1],
+        original_d_state=bank.num_modes,
         rank=rank,
-        hankel_singular_values=_rounded(sigma),
-        kept_states=result.kept_states.tolist(),
-        kept_energy=_rounded(kept_energy(sigma, result.kept_states)),
-        error_bound=_rounded(result.error_bound),
         kernel_error=_rounded(kernel_error),
         kernel_norm=_rounded(kernel_norm),
         padded_modes=result.padding.sum(-1).tolist(),
         adjusted_modes=adjusted.sum(-1).tolist(),
         adjustments=notes,
-        max_cholesky_shift=float(result.cholesky_shift.max()),
-        max_eigenvector_condition=float(result.eigenvector_condition.max()),
+        dc_gain_error=_rounded(dc_gain_error),
+        details=_report_details(result.details),
     )
     return parameters, report
 
 
+def _keep_unchanged_modes(kernel, bank: DiagonalSystem, result, continuous, input_vec, output_vec):
+    """A mode a method kept exactly (same discrete/continuous mode as an original one) keeps that
+    mode's continuous parameters (log of a discrete mode is only defined up to 2πi/Δ), and, if its
+    residues are unchanged as well, its original input and output vectors."""
+    same_mode = (result.modes.unsqueeze(-1) == bank.modes.unsqueeze(-2)) & ~result.padding.unsqueeze(-1)
+    unchanged = same_mode.any(-1)  # (H, r)
+    if not unchanged.any():
+        return continuous, input_vec, output_vec
+    source = same_mode.to(torch.int8).argmax(-1)  # (H, r): index of the original mode
+    with torch.no_grad():
+        original_modes = kernel.modes(torch.float64).detach().cpu()
+        original_input = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64).contiguous())
+        original_output = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64).contiguous())
+        original_output = original_output.permute(1, 0, 2)
+    continuous = torch.where(unchanged, original_modes.gather(-1, source), continuous)
+    rows = source.unsqueeze(-2).expand_as(result.residues)
+    same_residues = unchanged & (result.residues == bank.residues().gather(-1, rows)).all(-2)
+    input_vec = torch.where(same_residues, original_input.gather(-1, source), input_vec)
+    output_vec = torch.where(same_residues.unsqueeze(-2), original_output.gather(-1, rows), output_vec)
+    return continuous, input_vec, output_vec
+
+
+def _report_details(details: dict) -> dict:
+    """Method-specific values of one layer as JSON-friendly lists and scalars."""
+    summary = {}
+    for name, value in details.items():
+        if name == "cholesky_shift":
+            summary["max_cholesky_shift"] = float(value.max())
+        elif name == "eigenvector_condition":
+            summary["max_eigenvector_condition"] = float(value.max())
+        elif name == "fell_back":
+            summary["channels_kept_balanced"] = int(value.sum())
+        elif name == "evaluations":
+            summary["evaluations"] = int(value.max())
+        elif name == "scores":
+            continue  # (H, N): an ordering, not a result
+        elif value.dtype.is_floating_point:
+            summary[name] = _rounded(value)
+        else:
+            summary[name] = value.tolist()
+    if "kept_states" in details and "hankel_singular_values" in details:
+        summary["kept_energy"] = _rounded(kept_energy(details["hankel_singular_values"], details["kept_states"]))
+    return summary
+
+
 def _kernel_errors(kernel, parameters, length):
-    """‖K - K_r‖_2 and ‖K‖_2 per channel over `length` steps and all outputs, K_r computed from
-    the new parameters as the model will store them (its dtype)."""
-    def kernel_of(log_a_real, a_imag, input_pairs, output_pairs, log_dt):
+    """Per channel: ‖K - K_r‖_2 and ‖K‖_2 over `length` steps and all outputs, with the skip D in
+    the lag-0 term of the forward row, and |DC gain - reduced DC gain| (Σ_k K_k over all k plus D,
+    in closed form); everything computed from the new parameters as the model will store them
+    (its dtype)."""
+    def kernel_and_gain(log_a_real, a_imag, input_pairs, output_pairs, log_dt, skip):
         modes = torch.complex(-torch.exp(log_a_real), a_imag)
         log_a_bar, input_bar = zoh_discretize(modes, log_dt, torch.view_as_complex(input_pairs))
-        return vandermonde_kernel(log_a_bar, torch.view_as_complex(output_pairs) * input_bar, length)
+        weights = torch.view_as_complex(output_pairs) * input_bar
+        values = vandermonde_kernel(log_a_bar, weights, length)
+        values[0, :, 0] += skip
+        gain = modal_dc_gain(torch.exp(log_a_bar), weights.transpose(0, 1), DISCRETE).sum((-2, -1)) + skip
+        return values, gain
 
     with torch.no_grad():
         original = {name: getattr(kernel, name).detach().to("cpu", torch.float64) for name in SSM_PARAMETER_NAMES}
@@ -235,10 +324,22 @@ def _kernel_errors(kernel, parameters, length):
             name: value.to(getattr(kernel, name).dtype).to(torch.float64).contiguous()
             for name, value in parameters.items()
         }
-        full = kernel_of(original["log_A_real"], original["A_imag"], original["B"], original["C"], original["log_dt"])
-        reduced = kernel_of(stored["log_A_real"], stored["A_imag"], stored["B"], stored["C"], original["log_dt"])
+        full, gain = kernel_and_gain(original["log_A_real"], original["A_imag"], original["B"], original["C"],
+                                     original["log_dt"], original["D"])
+        reduced, reduced_gain = kernel_and_gain(stored["log_A_real"], stored["A_imag"], stored["B"], stored["C"],
+                                                original["log_dt"], stored["D"])
     error = (full - reduced).square().sum((0, 2)).sqrt()
-    return error, full.square().sum((0, 2)).sqrt()
+    return error, full.square().sum((0, 2)).sqrt(), (gain - reduced_gain).abs()
+
+
+def _remeasure_errors(model, compressed, kernel_length: int) -> None:
+    """After a refit, the report's kernel and DC-gain errors are those of the model as stored."""
+    for report, original, new in zip(compressed.compression_report.layers, model.base_model.layers,
+                                     compressed.base_model.layers, strict=True):
+        parameters = {name: getattr(new.kernel, name).detach().to("cpu", torch.float64)
+                      for name in ("log_A_real", "A_imag", "B", "C", "D")}
+        error, _, gain_error = _kernel_errors(original.kernel, parameters, kernel_length)
+        report.kernel_error, report.dc_gain_error = _rounded(error), _rounded(gain_error)
 
 
 def _parameter_prefix(model, kernel) -> str:

@@ -55,6 +55,11 @@ class S4DSSConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the embedding / linear initialisation.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of the norms.
         pad_token_id (`int`, *optional*): padding token id of a token model.
+        check_input_values (`bool`, defaults to True): run the checks that read input values back to the
+            host (ids inside the vocabulary, a 0/1 attention mask with a valid position per sequence, labels
+            in range). Each is a synchronisation on an accelerator; set False for training at scale. Shape,
+            dtype and device checks always run; under `torch.compile`/`torch.export` the value checks are
+            skipped.
 
     `num_labels` and `problem_type` are the standard sequence-classification fields.
     """
@@ -80,6 +85,7 @@ class S4DSSConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
     pad_token_id: int | None = None
+    check_input_values: bool = True
 
     def __post_init__(self, **kwargs):
         if self.vocab_size is None and self.input_dim is None:
@@ -88,6 +94,7 @@ class S4DSSConfig(PreTrainedConfig):
             self.d_state = list(self.d_state)
         self.check_s4dss_fields()
         super().__post_init__(**kwargs)
+        self.check_s4dss_fields()  # `num_labels` is known only now
 
     @property
     def layer_d_states(self) -> list[int]:
@@ -135,9 +142,13 @@ class S4DSSConfig(PreTrainedConfig):
         _require_finite("dropout", self.dropout, minimum_inclusive=0.0)
         if self.dropout >= 1.0:
             raise ValueError(f"S4DSSConfig: `dropout` must be in [0, 1), got {self.dropout}.")
-        for name in ("bidirectional", "prenorm"):
+        for name in ("bidirectional", "prenorm", "check_input_values"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"S4DSSConfig: `{name}` must be a bool, got {getattr(self, name)!r}.")
+        num_labels = len(self.id2label) if getattr(self, "id2label", None) is not None else None
+        if num_labels is not None and num_labels < 1:
+            raise ValueError("S4DSSConfig: `num_labels` must be at least 1 (a classifier with no outputs), got "
+                             f"{num_labels}.")
         if self.pad_token_id is not None:
             if self.vocab_size is None:
                 raise ValueError("S4DSSConfig: `pad_token_id` needs token inputs (`vocab_size`).")

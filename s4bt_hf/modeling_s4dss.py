@@ -5,15 +5,14 @@ A DSS layer gives every one of its H channels its own complex diagonal system wi
 DSS convention), so `d_state` counts complex modes and a layer is exactly a bank of H
 single-input systems of order N, which is what balanced truncation reduces.
 
-This file is copied into saved checkpoints (remote code): it imports only torch, transformers
-and its sibling modules.
+The input checks live in `validation_s4dss.py`, saving/loading/pushing in `hub_s4dss.py`. This
+file is copied into saved checkpoints (remote code): it imports only torch, transformers and its
+sibling modules (which travel with it).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +21,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
-from transformers.utils import cached_file
 from transformers.utils.generic import can_return_tuple
 
-from .compression import balanced_truncate_model
-from .compression_report import REPORT_FILE, CompressionReport
+from .compression import balanced_truncate_model, reduce_model
 from .configuration_s4dss import S4DSSConfig
+from .hub_s4dss import S4DSSHubMixin
 from .initialization_s4dss import MODE_INITIALIZERS
 from .kernel_s4dss import (
     fft_convolution,
@@ -36,16 +34,17 @@ from .kernel_s4dss import (
     vandermonde_kernel,
     zoh_discretize,
 )
-from .model_card import is_generated_card, render_model_card
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_s4dss.S4DSSConfig",
-    "AutoModel": "modeling_s4dss.S4DSSModel",
-    "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
-}
-
-# `from_pretrained` arguments that say where and how to fetch files of a checkpoint.
-_HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+from .streaming_real import RealStreamingModule
+from .validation_s4dss import (
+    check_attention_mask,
+    check_device,
+    check_tensor,
+    check_token_ids,
+    classification_loss,
+    keep_valid,
+    prepare_labels,
+    value_checks_enabled,
+)
 
 # Parameters of the SSM dynamics (modes, step, input vector): they get `config.ssm_lr` and
 # `config.ssm_weight_decay`. Matched by name, because attributes set on Parameter objects do not
@@ -77,12 +76,15 @@ class S4DSSKernel(nn.Module):
         self.d_state = d_state
         self.bidirectional = bidirectional
         output_rows = 2 if bidirectional else 1
-        self.log_dt = nn.Parameter(torch.empty(d_model))
-        self.log_A_real = nn.Parameter(torch.empty(d_model, d_state))
-        self.A_imag = nn.Parameter(torch.empty(d_model, d_state))
-        self.B = nn.Parameter(torch.empty(d_model, d_state, 2))
-        self.C = nn.Parameter(torch.empty(output_rows, d_model, d_state, 2))
-        self.D = nn.Parameter(torch.empty(d_model))
+        # float32 (float64 in a float64 model) however the model is built: `from_config(dtype=bf16)`
+        # and a bf16 default dtype would otherwise round the modes (the kernel moved by 25 %)
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        self.log_dt = nn.Parameter(torch.empty(d_model, dtype=dtype))
+        self.log_A_real = nn.Parameter(torch.empty(d_model, d_state, dtype=dtype))
+        self.A_imag = nn.Parameter(torch.empty(d_model, d_state, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(d_model, d_state, 2, dtype=dtype))
+        self.C = nn.Parameter(torch.empty(output_rows, d_model, d_state, 2, dtype=dtype))
+        self.D = nn.Parameter(torch.empty(d_model, dtype=dtype))
 
     def compute_dtype(self) -> torch.dtype:
         return real_compute_dtype(self.log_dt.dtype)
@@ -107,6 +109,8 @@ class S4DSSKernel(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, L, H): y = K * u + D u (two-sided K for a bidirectional layer)."""
         dtype = self.compute_dtype()
+        if hidden_states.shape[0] == 0:  # the FFT refuses empty batches
+            return hidden_states * 0
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             inputs = hidden_states.to(dtype).transpose(1, 2)  # (B, H, L)
             kernel = self.convolution_kernel(inputs.shape[-1])
@@ -114,17 +118,51 @@ class S4DSSKernel(nn.Module):
         return outputs.transpose(1, 2).to(hidden_states.dtype)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
+        # A new stream rebuilds the step system, so even edits the version counters miss
+        # (`param.data[...] = ...`) are seen from the next `init_streaming_state` on.
+        self._step_cache = None
         complex_dtype = torch.complex128 if self.compute_dtype() == torch.float64 else torch.complex64
         return torch.zeros(batch_size, self.d_model, self.d_state, dtype=complex_dtype, device=self.log_dt.device)
 
-    def step(self, inputs: torch.Tensor, state: torch.Tensor):
-        """One time step: (B, H) input and (B, H, N) state -> ((B, H) output, new state)."""
+    def step_system(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Ā, B̄, C, D) of the recurrence: (H, N) complex ×3 (C: forward row) and (H,) real.
+
+        Discretising costs an exp and a division per mode, far more than the step itself, so the
+        result is cached and rebuilt whenever a parameter changes: the key holds each parameter's
+        identity, storage, dtype, device and autograd version counter, which every in-place update
+        through the parameter (optimizer steps, `load_state_dict`, `copy_`) increments. When
+        autograd is recording for a trainable kernel, the system is computed afresh so gradients
+        reach the parameters.
+        """
+        parameters = (self.log_dt, self.log_A_real, self.A_imag, self.B, self.C, self.D)
+        if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in parameters):
+            return self._discretize_for_step()
+        try:
+            key = tuple(
+                (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in parameters
+            )
+        except RuntimeError:  # inference tensors (a model built under inference_mode) have no version
+            return self._discretize_for_step()
+        cache = getattr(self, "_step_cache", None)
+        if cache is None or cache[0] != key:
+            # normal tensors even under inference_mode, so the cache also serves later no-grad calls
+            with torch.inference_mode(False), torch.no_grad():
+                cache = (key, self._discretize_for_step())
+            self._step_cache = cache
+        return cache[1]
+
+    def _discretize_for_step(self):
         dtype = self.compute_dtype()
         log_a_bar, input_bar, output_vec = self.discrete_system()
+        return torch.exp(log_a_bar), input_bar, output_vec[0], self.D.to(dtype)
+
+    def step(self, inputs: torch.Tensor, state: torch.Tensor):
+        """One time step: (B, H) input and (B, H, N) state -> ((B, H) output, new state)."""
+        a_bar, input_bar, output_vec, skip = self.step_system()
         with torch.autocast(device_type=inputs.device.type, enabled=False):
-            inputs_c = inputs.to(dtype)
-            outputs, new_state = recurrence_step(state, inputs_c, torch.exp(log_a_bar), input_bar, output_vec[0])
-            outputs = outputs + self.D.to(dtype) * inputs_c
+            inputs_c = inputs.to(skip.dtype)
+            outputs, new_state = recurrence_step(state, inputs_c, a_bar, input_bar, output_vec)
+            outputs = outputs + skip * inputs_c
         return outputs.to(inputs.dtype), new_state
 
 
@@ -134,16 +172,18 @@ class S4DSSBatchNorm(nn.BatchNorm1d):
     fixed affine map  (x - running_mean) / sqrt(running_var + eps) · weight + bias."""
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training:
+        if self.training and hidden_states.shape[0] > 0:  # an empty batch has no statistics
             flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-            weights = (
-                torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
-                if mask is None
-                else mask.reshape(-1, 1).to(flat.dtype)
-            )
-            count = weights.sum()
-            mean = (flat * weights).sum(0) / count
-            var = (((flat - mean) ** 2) * weights).sum(0) / count
+            if mask is None:
+                count = torch.tensor(flat.shape[0], dtype=flat.dtype, device=flat.device)
+                mean = flat.mean(0)
+                var = ((flat - mean) ** 2).mean(0)
+            else:  # selection, not multiplication: a NaN at a padded position stays out of the statistics
+                valid = mask.reshape(-1, 1)
+                count = valid.sum().to(flat.dtype)
+                flat = keep_valid(flat, valid)  # before any arithmetic: NaN would reach the gradients
+                mean = flat.sum(0) / count
+                var = keep_valid((flat - mean) ** 2, valid).sum(0) / count
             with torch.no_grad():
                 unbiased = var * count / torch.clamp(count - 1, min=1)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
@@ -173,8 +213,7 @@ class S4DSSBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         normed = _apply_norm(self.norm, hidden_states, mask) if self.prenorm else hidden_states
-        if mask is not None:  # padded positions feed nothing into the SSM, in either direction
-            normed = normed * mask.unsqueeze(-1).to(normed.dtype)
+        normed = keep_valid(normed, mask)  # padded positions feed nothing into the SSM, in either direction
         hidden_states = hidden_states + self._mix(normed, self.kernel(normed))
         return hidden_states if self.prenorm else _apply_norm(self.norm, hidden_states, mask)
 
@@ -208,7 +247,7 @@ class S4DSSStreamingState:
     pooled_sum: torch.Tensor | None = None
 
 
-class S4DSSPreTrainedModel(PreTrainedModel):
+class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
     config_class = S4DSSConfig
     config: S4DSSConfig
     base_model_prefix = "s4dss"
@@ -243,80 +282,6 @@ class S4DSSPreTrainedModel(PreTrainedModel):
             init.normal_(module.C, mean=0.0, std=math.sqrt(0.5))
             init.normal_(module.D, mean=0.0, std=1.0)
 
-    # Set by `balanced_truncate` (and read back by `from_pretrained`): what the compression did.
-    compression_report: CompressionReport | None = None
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also writes the configuration and modeling code with a full `auto_map`, so that
-        `AutoModel`/`AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`
-        work where `s4bt_hf` is not installed, and the compression report of a compressed model
-        (`compression_report.json`)."""
-        self.config.auto_map = dict(AUTO_MAP)
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            report_path = os.path.join(save_directory, REPORT_FILE)
-            if self.compression_report is not None:
-                self.compression_report.save(save_directory)
-            elif os.path.exists(report_path):  # left by a compressed model saved here before
-                os.remove(report_path)
-            self._write_model_card(save_directory)
-        return result
-
-    def _write_model_card(self, save_directory) -> None:
-        """README.md from the MODEL_CARD.md template, unless the folder holds a card someone wrote."""
-        path = os.path.join(save_directory, "README.md")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                if not is_generated_card(handle.read()):
-                    return
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(render_model_card(self))
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: str | bool | None = None, max_shard_size="50GB",
-                    create_pr: bool = False, revision: str | None = None, tags: list[str] | None = None):
-        """`PreTrainedModel.push_to_hub` with this package's model card (architecture and
-        compression report) instead of the generic one; a card already on the Hub that was not
-        generated by this package is kept."""
-        from huggingface_hub import HfApi, ModelCard
-        from huggingface_hub.errors import EntryNotFoundError
-
-        repo_id = HfApi(token=token).create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        try:
-            existing = ModelCard.load(repo_id, token=token)
-        except EntryNotFoundError:
-            existing = None
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            if existing is not None and not is_generated_card(existing.content):
-                existing.save(os.path.join(folder, "README.md"))
-            elif tags:
-                with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
-                    handle.write(render_model_card(self, tags=tags))
-            return self._upload_modified_files(
-                folder,
-                repo_id,
-                files_timestamps={},
-                commit_message=commit_message,
-                token=token,
-                create_pr=create_pr,
-                revision=revision,
-                commit_description=commit_description,
-            )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, plus the compression report of a compressed
-        checkpoint (`compression_report.json`, from a folder or a Hub repo)."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        hub_options = {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
-        report_path = cached_file(str(pretrained_model_name_or_path), REPORT_FILE,
-                                  _raise_exceptions_for_missing_entries=False,
-                                  _raise_exceptions_for_connection_errors=False, **hub_options)
-        if report_path is not None:
-            model.compression_report = CompressionReport.load(os.path.dirname(report_path))
-        return model
-
     def balanced_truncate(self, rank=None, *, tol=None, time: str = "discrete", kernel_length: int = 1024,
                           workers: int | None = None):
         """Compress every DSS layer by balanced truncation; returns a NEW model of the same class.
@@ -343,10 +308,60 @@ class S4DSSPreTrainedModel(PreTrainedModel):
         discrete-time system the a-priori bound 2 Σ_{i>m} σ_i (m real states kept) bounds the
         ℓ2 norm of each channel's whole kernel error, both output rows together.
         """
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"balanced_truncate: `workers` must be a positive int or None, got {workers!r}.")
         return balanced_truncate_model(self, rank, tol=tol, time=time, kernel_length=kernel_length,
                                        workers=workers)
 
+    def reduce(self, method: str = "balanced_truncation", rank=None, *, tol=None, budget=None,
+               time: str = "discrete", kernel_length: int = 1024, workers: int | None = None,
+               calibration_data=None, **method_options):
+        """Compress every DSS layer with a model-reduction `method`; returns a NEW model of the same
+        class (this one is never modified), with `config.d_state` = the ranks and a
+        `compression_report`.
+
+        Methods (each channel of each layer is the real-output linear system it computes):
+            `"balanced_truncation"`: see `balanced_truncate`.
+            `"singular_perturbation"`: balanced residualisation; keeps every channel's DC gain
+                (Σ_k K_k + D) exactly, same a-priori bound 2 Σ_{i>m} σ_i; its direct term goes into D.
+            `"modal_truncation"`: keeps each channel's `rank` modes with the largest H∞ score
+                |w|/(1 - |ā|), unchanged; option `match_dc=True` moves the dropped modes' DC gain
+                into D (modal singular perturbation).
+            `"h2"`: minimises each channel's H2 (kernel ℓ2) error from the balanced truncation of the
+                same rank, never worse than it; option `max_iterations` (L-BFGS, default 50).
+
+        Args:
+            rank (`int` or `list[int]`), tol (`float`): as in `balanced_truncate` (tol picks ranks
+                from the Hankel singular values, whatever the method).
+            budget (`int` or `float`): instead, a model-wide size — an int is the total number of
+                complex modes (Σ_layers d_model · rank), a float in (0, 1] a fraction of the SSM
+                parameters — split between the layers to minimise the discarded Hankel energy.
+            time (`str`): `"discrete"` (default) or `"continuous"` system.
+            kernel_length (`int`): length over which the report measures the kernel error.
+            workers (`int`): threads for the reduction (default: torch's thread count).
+            calibration_data (`dict` of tensors or a list of them): batches the model takes; if
+                given, each channel's output vectors C and skip D are refit by least squares so that
+                every reduced layer reproduces the original layer's output on its real inputs.
+            **method_options: options of the method (see above).
+        """
+        return reduce_model(self, method, rank, tol=tol, budget=budget, time=time, kernel_length=kernel_length,
+                            workers=workers, calibration_data=calibration_data, **method_options)
+
     # ------------------------------------------------------------------ input checks
+    def _check_streaming_state(self, state, hidden_states: torch.Tensor) -> None:
+        """Every layer's state must have this model's (batch, d_model, d_state) shape, dtype and device."""
+        for index, (layer, layer_state) in enumerate(zip(self.layers, state.ssm_states, strict=True)):
+            expected = (hidden_states.shape[0], layer.kernel.d_model, layer.kernel.d_state)
+            if not isinstance(layer_state, torch.Tensor) or tuple(layer_state.shape) != expected:
+                shape = tuple(layer_state.shape) if isinstance(layer_state, torch.Tensor) else type(layer_state)
+                raise ValueError(
+                    f"`state` does not fit this model: layer {index} holds a state of shape {shape}, expected "
+                    f"{expected} (batch, d_model, d_state); use this model's `init_streaming_state`."
+                )
+            if not layer_state.is_complex():
+                raise TypeError(f"`state` of layer {index} must be complex, got {layer_state.dtype}.")
+            check_device(f"state.ssm_states[{index}]", layer_state, layer.kernel.log_dt.device)
+
     def _check_streaming_allowed(self) -> None:
         if self.config.bidirectional:
             raise ValueError("Streaming needs a unidirectional model: this one has `bidirectional=True`.")
@@ -377,8 +392,10 @@ class S4DSSModel(S4DSSPreTrainedModel):
             raise ValueError("This S4-DSS model reads `input_values`; it has no token embedding.")
         self.embeddings = value
 
-    def _encode(self, input_ids, input_values, inputs_embeds, sequence_axis: bool) -> torch.Tensor:
-        """Check the one given input and map it to (B, [L,] H) hidden states."""
+    def _encode(self, input_ids, input_values, inputs_embeds, sequence_axis: bool, attention_mask=None):
+        """Check the one given input and its mask, and map the input to (B, [L,] H) hidden states.
+        Returns (hidden states, mask as bool (B, L) or None). Padded positions of the input are set
+        to 0 by selection before the encoder, so nothing there reaches a valid output or a gradient."""
         given = [name for name, value in (("input_ids", input_ids), ("input_values", input_values),
                                           ("inputs_embeds", inputs_embeds)) if value is not None]
         if len(given) != 1:
@@ -388,34 +405,47 @@ class S4DSSModel(S4DSSPreTrainedModel):
             )
         lead = "(batch, length" if sequence_axis else "(batch"
         config = self.config
+        check_values = value_checks_enabled(config)
+        rank = 3 if sequence_axis else 2
         if inputs_embeds is not None:
-            _check_tensor("inputs_embeds", inputs_embeds, 3 if sequence_axis else 2, floating=True)
+            check_tensor("inputs_embeds", inputs_embeds, rank, floating=True, device=self._weight_device("layers"))
             if inputs_embeds.shape[-1] != config.d_model:
                 raise ValueError(
                     f"`inputs_embeds` must have shape {lead}, {config.d_model}), got {tuple(inputs_embeds.shape)}."
                 )
-            return inputs_embeds
+            mask = self._mask_for(attention_mask, inputs_embeds, sequence_axis, check_values)
+            return keep_valid(inputs_embeds, mask), mask
         if input_ids is not None:
             if not config.uses_tokens:
                 raise ValueError(
                     f"This model reads real-valued `input_values` {lead}, {config.input_dim}), not `input_ids`."
                 )
-            _check_tensor("input_ids", input_ids, 2 if sequence_axis else 1, floating=False)
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
-                raise ValueError(
-                    f"`input_ids` holds ids outside the vocabulary [0, {config.vocab_size}): "
-                    f"min {int(input_ids.min())}, max {int(input_ids.max())}."
-                )
-            return self.embeddings(input_ids)
+            check_tensor("input_ids", input_ids, rank - 1, floating=False, device=self._weight_device("embeddings"))
+            if check_values:
+                check_token_ids(input_ids, config.vocab_size)
+            mask = self._mask_for(attention_mask, input_ids, sequence_axis, check_values)
+            return keep_valid(self.embeddings(input_ids), mask), mask
         if config.uses_tokens:
             raise ValueError(f"This model reads token `input_ids` {lead}), not `input_values`.")
-        _check_tensor("input_values", input_values, 3 if sequence_axis else 2, floating=True)
+        check_tensor("input_values", input_values, rank, floating=True, device=self._weight_device("input_proj"))
         if input_values.shape[-1] != config.input_dim:
             raise ValueError(
                 f"`input_values` must have shape {lead}, {config.input_dim}), got {tuple(input_values.shape)}"
                 + (" (add a trailing axis with `.unsqueeze(-1)`)." if config.input_dim == 1 else ".")
             )
-        return self.input_proj(input_values.to(self.input_proj.weight.dtype))
+        mask = self._mask_for(attention_mask, input_values, sequence_axis, check_values)
+        return self.input_proj(keep_valid(input_values, mask).to(self.input_proj.weight.dtype)), mask
+
+    def _mask_for(self, attention_mask, inputs: torch.Tensor, sequence_axis: bool, check_values: bool):
+        if not sequence_axis:
+            return None
+        return check_attention_mask(attention_mask, inputs.shape[:2], inputs.device, check_values)
+
+    def _weight_device(self, module_name: str) -> torch.device | None:
+        """Device of the first weight of the submodule that reads an input (None if it has none)."""
+        module = getattr(self, module_name, None)
+        parameter = next(iter(module.parameters()), None) if module is not None else None
+        return None if parameter is None else parameter.device
 
     @can_return_tuple
     def forward(
@@ -437,8 +467,8 @@ class S4DSSModel(S4DSSPreTrainedModel):
                 positions; a padded position never changes the output at a valid one.
             output_hidden_states (`bool`): also return the input of every block and the final output.
         """
-        hidden_states = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=True)
-        mask = _check_attention_mask(attention_mask, hidden_states.shape[:2])
+        hidden_states, mask = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=True,
+                                           attention_mask=attention_mask)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -471,11 +501,12 @@ class S4DSSModel(S4DSSPreTrainedModel):
         self._check_streaming_allowed()
         if not isinstance(state, S4DSSStreamingState) or len(state.ssm_states) != len(self.layers):
             raise ValueError("`state` must come from this model's `init_streaming_state`.")
-        hidden_states = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=False)
+        hidden_states, _ = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=False)
         if hidden_states.shape[0] != state.ssm_states[0].shape[0]:
             raise ValueError(
                 f"The state holds {state.ssm_states[0].shape[0]} sequences but the input has {hidden_states.shape[0]}."
             )
+        self._check_streaming_state(state, hidden_states)
         new_states = []
         for layer, layer_state in zip(self.layers, state.ssm_states, strict=True):
             hidden_states, layer_state = layer.step(hidden_states, layer_state)
@@ -483,6 +514,11 @@ class S4DSSModel(S4DSSPreTrainedModel):
         if self.final_norm is not None:
             hidden_states = _apply_norm(self.final_norm, hidden_states, None)
         return hidden_states, S4DSSStreamingState(tuple(new_states), state.steps + 1, state.pooled_sum)
+
+    def streaming_module(self) -> RealStreamingModule:
+        """A frozen copy of this eval-mode model's streaming step with only real tensors (each
+        complex mode as a (re, im) pair): what `s4bt_hf.export` exports. See `RealStreamingModule`."""
+        return RealStreamingModule(self)
 
 
 class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
@@ -534,39 +570,13 @@ class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
         logits = self.classifier(_pool(hidden_states, mask, self.config.pooling))
         loss = None
         if labels is not None:
-            labels = self._check_labels(labels, logits)
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            # the problem type is decided once, here, and the labels cast to what its loss needs
+            problem, labels = prepare_labels(labels, logits, self.config.problem_type,
+                                             value_checks_enabled(self.config))
+            if self.config.problem_type is None and not torch.compiler.is_compiling():
+                self.config.problem_type = problem  # recorded as every transformers classifier does
+            loss = classification_loss(problem, logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
-    def _check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
-        batch, num_labels = logits.shape
-        problem = self.config.problem_type
-        if problem is None:
-            if num_labels == 1:
-                problem = "regression"
-            elif not labels.is_floating_point():
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        if problem == "single_label_classification":
-            if labels.is_floating_point() or labels.is_complex() or labels.shape != (batch,):
-                raise ValueError(
-                    f"Single-label classification needs integer `labels` of shape ({batch},), "
-                    f"got {labels.dtype} {tuple(labels.shape)}."
-                )
-            if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-                raise ValueError(
-                    f"`labels` must be class ids in [0, {num_labels}), got min {int(labels.min())}, "
-                    f"max {int(labels.max())}."
-                )
-            return labels
-        allowed = {(batch, num_labels)} | ({(batch,)} if num_labels == 1 and problem == "regression" else set())
-        if tuple(labels.shape) not in allowed:
-            expected = " or ".join(str(shape) for shape in sorted(allowed))
-            raise ValueError(f"{problem} needs `labels` of shape {expected}, got {tuple(labels.shape)}.")
-        return labels.to(logits.dtype)
 
     # ------------------------------------------------------------------ streaming
     def init_streaming_state(self, batch_size: int) -> S4DSSStreamingState:
@@ -586,37 +596,10 @@ class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
             pooled = hidden_states
         return self.classifier(pooled), state
 
-
-def _check_tensor(name: str, value, rank: int, floating: bool) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
-    if value.dim() != rank:
-        raise ValueError(f"`{name}` must have {rank} dimensions, got shape {tuple(value.shape)}.")
-    if floating and not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
-    if not floating and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-        raise TypeError(f"`{name}` must be an integer tensor, got {value.dtype}.")
-    if rank >= 2 and value.shape[1] == 0:
-        raise ValueError(f"`{name}` holds sequences of length 0.")
-
-
-def _check_attention_mask(attention_mask, batch_and_length) -> torch.Tensor | None:
-    """Validate a (B, L) 0/1 mask; None when every position is valid."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if tuple(attention_mask.shape) != tuple(batch_and_length):
-        raise ValueError(
-            f"`attention_mask` must have shape {tuple(batch_and_length)} (batch, length), "
-            f"got {tuple(attention_mask.shape)}."
-        )
-    valid = attention_mask != 0
-    if not torch.all((attention_mask == 0) | (attention_mask == 1)):
-        raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (valid position).")
-    if not torch.all(valid.any(dim=1)):
-        raise ValueError("Every sequence needs at least one valid position in `attention_mask`.")
-    return None if torch.all(valid) else valid
+    def streaming_module(self) -> RealStreamingModule:
+        """A frozen copy of this eval-mode classifier's streaming step with only real tensors,
+        mean pooling carried in the state: what `s4bt_hf.export` exports. See `RealStreamingModule`."""
+        return RealStreamingModule(self)
 
 
 def _pool(hidden_states: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -624,8 +607,8 @@ def _pool(hidden_states: torch.Tensor, mask: torch.Tensor | None, pooling: str) 
     if mask is None:
         return hidden_states.mean(1) if pooling == "mean" else hidden_states[:, -1]
     if pooling == "mean":
-        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * weights).sum(1) / weights.sum(1)
+        count = mask.sum(1, keepdim=True).to(hidden_states.dtype)
+        return keep_valid(hidden_states, mask).sum(1) / count
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = torch.where(mask, positions, -1).max(dim=1).values
     return hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last]

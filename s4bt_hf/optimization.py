@@ -3,6 +3,8 @@ the transformers `Trainer`."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .modeling_s4dss import SSM_DYNAMICS_PARAMETER_NAMES
@@ -23,6 +25,11 @@ def ssm_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "ssm_lr"):
         raise TypeError("ssm_param_groups needs an S4-DSS model (a module whose `config` has `ssm_lr`).")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"ssm_param_groups: `{name}` must be a number, got {value!r}.")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"ssm_param_groups: `{name}` must be finite and >= 0, got {value}.")
     ssm, no_decay, decay = [], [], []
     for module in model.modules():
         # class names, not isinstance: a model loaded with trust_remote_code has its own copies

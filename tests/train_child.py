@@ -1,5 +1,6 @@
 """A small training run for the trainer tests, started as its own process (also under
 `accelerate launch`): python train_child.py OUTPUT_DIR [--kill-at-sample N] [--epochs E] [--bf16]
+[--hankel-weight W] [--reduce-at STEP]
 
 With --kill-at-sample the process SIGKILLs itself when the data loader fetches that sample
 (counted over the whole run), i.e. in the middle of a training step."""
@@ -12,7 +13,7 @@ import datasets
 import torch
 
 import s4bt_hf
-from s4bt_hf.training import TrainingConfig, train
+from s4bt_hf.training import ReductionSchedule, TrainingConfig, train
 
 
 class KillingDataset(torch.utils.data.Dataset):
@@ -42,6 +43,8 @@ def main():
     parser.add_argument("--kill-at-sample", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--hankel-weight", type=float, default=0.0)
+    parser.add_argument("--reduce-at", type=int, default=None, help="reduce to rank 2 after this optimizer step")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = s4bt_hf.S4DSSConfig(d_model=8, n_layers=2, d_state=4, num_labels=2, dropout=0.1, norm="batch")
@@ -50,6 +53,8 @@ def main():
     training = TrainingConfig(
         output_dir=args.output_dir, num_epochs=args.epochs, batch_size=8, gradient_accumulation_steps=2,
         save_every=2, eval_every=3, log_every=1, progress=False, mixed_precision="bf16" if args.bf16 else "no",
+        hankel_weight=args.hankel_weight,
+        reduction=None if args.reduce_at is None else ReductionSchedule(at=args.reduce_at, rank=2),
     )
     train(model, train_data, toy_dataset(30, seed=2), training)
 

@@ -1,7 +1,7 @@
 """Long Range Arena ListOps, generated locally.
 
-The generator follows the LRA specification (Tay et al. 2020, ``lra_benchmarks/data/listops.py``; see
-``/work/shared/research/s4dss.md`` section 4.1):
+The generator follows the LRA specification (Tay et al. 2020, ``lra_benchmarks/data/listops.py`` of the
+google-research/long-range-arena repository):
 
 * operators ``MIN``, ``MAX``, ``MED`` (``int(median)``: for an even count the mean of the two middle values,
   truncated) and ``SM`` (sum mod 10); digits 0..9;
@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .arguments import require_int
 
 if TYPE_CHECKING:  # `datasets` (and pyarrow) are imported when a dataset is built; the generator needs numpy only
     import datasets
@@ -169,6 +171,9 @@ def evaluate_expression(tokens: Sequence[int] | Sequence[str] | str) -> int:
 
 
 def _validate(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
+    for name, value in (("min_length", min_length), ("max_length", max_length), ("max_depth", max_depth),
+                        ("max_args", max_args)):
+        require_int(name, value)
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
     if max_args < 2:
@@ -199,8 +204,11 @@ def generate_listops_trees(
     requested for a narrow length window).
     """
     _validate(min_length, max_length, max_depth, max_args)
-    if num_trees < 0:
-        raise ValueError(f"num_trees must be >= 0, got {num_trees}")
+    require_int("num_trees", num_trees, minimum=0)
+    if not isinstance(seed, np.random.Generator):
+        require_int("seed", seed, minimum=0)
+    if max_attempts is not None:
+        require_int("max_attempts", max_attempts, minimum=1)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if max_attempts is None:
         max_attempts = 1000 * num_trees + 100_000
@@ -320,8 +328,9 @@ def listops(
 
     counts = {"train": num_train, "validation": num_validation, "test": num_test}
     for split, count in counts.items():
-        if count < 0:
-            raise ValueError(f"num_{split} must be >= 0, got {count}")
+        require_int(f"num_{split}", count, minimum=0)
+    _validate(min_length, max_length, max_depth, max_args)
+    require_int("seed", seed, minimum=0)
     trees = generate_listops_trees(
         sum(counts.values()),
         min_length=min_length,

@@ -21,6 +21,8 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from .arguments import require_int
+
 __all__ = [
     "SMNIST_LABEL_NAMES",
     "SMNIST_NUM_LABELS",
@@ -108,7 +110,11 @@ def smnist(
     4000/500/500 images, 400/50/50 per class. ``ds.with_format("torch")[0:4]["input_values"]`` is a
     ``(4, 784, 1)`` float32 tensor. The normalisation is in :func:`smnist_normalization`.
     """
+    require_int("seed", seed, minimum=0)
+    require_int("permutation_seed", permutation_seed, minimum=0)
     for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if validation_fraction + test_fraction >= 1.0:

@@ -1,11 +1,23 @@
 """Training: an Accelerate loop for (distributed) retraining and a transformers `Trainer` with
 the S4 parameter groups."""
 
-from .accelerate_trainer import RunFolderError, TrainingConfig, TrainResult, evaluate_model, latest_checkpoint, train
+from .accelerate_trainer import (
+    NonFiniteLossError,
+    RunFolderError,
+    TrainingConfig,
+    TrainResult,
+    evaluate_model,
+    latest_checkpoint,
+    train,
+)
 from .evaluation import evaluate_dataset
-from .hf_trainer import S4DSSTrainer
+from .hf_trainer import ReductionCallback, S4DSSTrainer
+from .reduction_schedule import ReductionSchedule
 
 __all__ = [
+    "NonFiniteLossError",
+    "ReductionCallback",
+    "ReductionSchedule",
     "RunFolderError",
     "S4DSSTrainer",
     "TrainResult",

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from accelerate import Accelerator
@@ -32,13 +32,18 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from ..compression_report import CompressionReport
+from ..hankel_penalty import dss_kernels, hankel_penalty
 from ..optimization import ssm_param_groups
+from .evaluation import evaluation_metrics
+from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 RUN_CONFIG_FILE = "run_config.json"
 SUMMARY_FILE = "run_summary.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 _COMPLETE_MARKER = "trainer_progress.json"
+REDUCTION_FILE = "reduction.json"  # in a checkpoint written after a scheduled reduction
 
 
 @dataclass
@@ -64,17 +69,38 @@ class TrainingConfig:
     cpu: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # caller's facts recorded in run_config.json (task, data options)
+    on_nonfinite_loss: str = "stop"  # "stop": raise NonFiniteLossError; "skip": leave the micro-batch out
+    # compression-aware training: loss + hankel_weight · hankel_penalty(model), the penalty evaluated every
+    # `hankel_every` optimizer steps with weight hankel_weight · hankel_every (the same strength on average)
+    hankel_weight: float = 0.0
+    hankel_every: int = 1
+    reduction: ReductionSchedule | None = None  # reduce every layer during training (also a dict of its fields)
 
     def __post_init__(self):
-        positive = ("learning_rate", "num_epochs", "batch_size", "gradient_accumulation_steps", "keep_checkpoints",
-                    "log_every")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainingConfig: `{name}` must be positive, got {getattr(self, name)!r}.")
+        if not isinstance(self.output_dir, (str, os.PathLike)):
+            raise TypeError(f"TrainingConfig: `output_dir` must be a path, got {self.output_dir!r}.")
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every"):
+            _require_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "eval_every", "save_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"TrainingConfig: `{name}` must be positive or None, got {value!r}.")
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1, or_none=True)
+        _require_int("seed", self.seed, minimum=0)
+        for name in ("learning_rate", "weight_decay", "warmup_ratio"):
+            _require_real(name, getattr(self, name))
+        if self.max_grad_norm is not None:
+            _require_real("max_grad_norm", self.max_grad_norm)
+            if not self.max_grad_norm > 0:
+                raise ValueError(f"TrainingConfig: `max_grad_norm` must be positive or None, got {self.max_grad_norm}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainingConfig: `learning_rate` must be positive, got {self.learning_rate!r}.")
+        _require_real("hankel_weight", self.hankel_weight)
+        if self.hankel_weight < 0:
+            raise ValueError(f"TrainingConfig: `hankel_weight` must be >= 0, got {self.hankel_weight}.")
+        _require_int("hankel_every", self.hankel_every, minimum=1)
+        self.reduction = ReductionSchedule.coerce(self.reduction)
+        if self.on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"TrainingConfig: `on_nonfinite_loss` must be 'stop' or 'skip', "
+                             f"got {self.on_nonfinite_loss!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainingConfig: `warmup_ratio` must be in [0, 1), got {self.warmup_ratio!r}.")
         if self.weight_decay < 0:
@@ -87,8 +113,27 @@ class TrainingConfig:
     RESUMABLE_CHANGES = ("progress", "cpu", "keep_checkpoints", "log_every")
 
 
+def _require_int(name: str, value, minimum: int, or_none: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"TrainingConfig: `{name}` must be an int{' or None' if or_none else ''}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"TrainingConfig: `{name}` must be >= {minimum}{' or None' if or_none else ''}, "
+                         f"got {value}.")
+
+
+def _require_real(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"TrainingConfig: `{name}` must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"TrainingConfig: `{name}` must be finite, got {value}.")
+
+
 class RunFolderError(ValueError):
     """The output folder cannot be used for this run (finished run, other configuration)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss (or non-finite weights to save) and stopped."""
 
 
 @dataclass
@@ -99,6 +144,7 @@ class TrainResult:
     best_step: int | None
     final_metrics: dict
     resumed_from: int | None
+    skipped_batches: int = 0  # micro-batches left out for a non-finite loss (on_nonfinite_loss="skip")
 
 
 class _Progress:
@@ -108,12 +154,15 @@ class _Progress:
         self.step = 0
         self.best_accuracy = None
         self.best_step = None
+        self.skipped_batches = 0
 
     def state_dict(self):
-        return {"step": self.step, "best_accuracy": self.best_accuracy, "best_step": self.best_step}
+        return {"step": self.step, "best_accuracy": self.best_accuracy, "best_step": self.best_step,
+                "skipped_batches": self.skipped_batches}
 
     def load_state_dict(self, state):
         self.step, self.best_accuracy, self.best_step = state["step"], state["best_accuracy"], state["best_step"]
+        self.skipped_batches = state.get("skipped_batches", 0)  # absent in checkpoints of older versions
 
 
 def train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_fn=None) -> TrainResult:
@@ -126,12 +175,45 @@ def train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_fn
         AcceleratorState._reset_state()  # private, but the only way: the state is a singleton
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while it runs (built by `_prepare_run`)."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    progress: _Progress
+    steps_per_epoch: int
+    total_steps: int
+    resumed_from: int | None = None
+    last_metrics: dict = field(default_factory=dict)
+    running_loss: float = 0.0
+    running_count: int = 0
+    started: float = field(default_factory=time.time)
+    bar: object = None
+    running_penalty: float = 0.0  # Σσ values (unweighted) since the last log record
+    penalty_count: int = 0
+    reduction_step: int | None = None  # the optimizer step after which the schedule reduces the model
+    reduced_at: int | None = None
+
+
 def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_fn=None) -> TrainResult:
     """Train `model` (an S4-DSS model, trained in place; the run's weights are saved in
     `config.output_dir`) on `train_dataset`, evaluating on `eval_dataset` (or never, if None),
-    and return a summary. Resumes automatically from the
-    latest complete checkpoint of `config.output_dir`; refuses a folder holding a finished run or
-    a run of another configuration."""
+    and return a summary. Resumes automatically from the latest complete checkpoint of
+    `config.output_dir`; refuses a folder holding a finished run or a run of another
+    configuration. `collate_fn` defaults to `PadCollator` (pads `input_ids`, stacks `input_values`).
+
+    A non-finite loss (NaN/Inf inputs, or a diverged model) stops the run with
+    `NonFiniteLossError` (`config.on_nonfinite_loss="skip"` leaves such batches out instead), and
+    `best/` and `final/` are never written from non-finite weights."""
+    _check_datasets(train_dataset, eval_dataset)
+    if collate_fn is None:
+        collate_fn = _default_collator(model)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -139,10 +221,38 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    _check_compression_options(model, config, _planned_total_steps(config, len(train_dataset), accelerator))
     run_config = {"training": _comparable(config), "model": model.config.to_dict()}
     resume_dir = _prepare_run_folder(config.output_dir, run_config, accelerator)
     set_seed(config.seed)
+    run = _prepare_run(accelerator, model, train_dataset, eval_dataset, config, collate_fn)
+    if resume_dir is not None:
+        _resume(run, resume_dir)
+    run.bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train",
+                   disable=not (config.progress and accelerator.is_local_main_process))
+    try:
+        _train_loop(run)
+    finally:
+        run.bar.close()
+    return _finish(run)
 
+
+def _check_datasets(train_dataset, eval_dataset) -> None:
+    if len(train_dataset) == 0:
+        raise ValueError("train(): `train_dataset` is empty.")
+    if eval_dataset is not None and len(eval_dataset) == 0:
+        raise ValueError("train(): `eval_dataset` is empty: the best model cannot be chosen on 0 samples; pass "
+                         "eval_dataset=None to train without evaluation.")
+
+
+def _default_collator(model):
+    from ..data.collate import PadCollator
+
+    return PadCollator(getattr(model.config, "pad_token_id", None) or 0)
+
+
+def _prepare_run(accelerator, model, train_dataset, eval_dataset, config: TrainingConfig, collate_fn) -> _Run:
+    """Loaders, optimizer and schedule, prepared by the Accelerator."""
     # Loaders get generators of their own: creating an iterator would otherwise draw from the
     # global RNG (dropout's), and a resumed run creates its iterators at other times.
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn,
@@ -162,65 +272,197 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
     )
     progress = _Progress()
     accelerator.register_for_checkpointing(progress)
-    resumed_from = None
-    if resume_dir is not None:
-        accelerator.load_state(resume_dir)
-        resumed_from = progress.step
-        _truncate_log(config.output_dir, progress.step, accelerator)
+    run = _Run(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
+               steps_per_epoch, total_steps)
+    if config.reduction is not None:
+        run.reduction_step = config.reduction.step(total_steps)
+    return run
 
-    eval_every = config.eval_every or steps_per_epoch
-    save_every = config.save_every or steps_per_epoch
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not (
-        config.progress and accelerator.is_local_main_process))
-    running_loss, running_count, started = 0.0, 0, time.time()
-    last_metrics: dict = {}
-    model.train()
-    while progress.step < total_steps:
-        epoch, done_in_epoch = divmod(progress.step, steps_per_epoch)
-        train_loader.set_epoch(epoch)  # the shuffled order depends only on (seed, epoch)
-        batches = accelerator.skip_first_batches(train_loader, done_in_epoch * config.gradient_accumulation_steps)
+
+def _planned_total_steps(config: TrainingConfig, num_samples: int, accelerator) -> int:
+    """The run's optimizer steps, known before the loaders are built (as `_prepare_run` computes
+    them: accelerate shards the batches evenly over the processes)."""
+    if config.max_steps:
+        return config.max_steps
+    batches = math.ceil(math.ceil(num_samples / config.batch_size) / accelerator.num_processes)
+    return config.num_epochs * math.ceil(batches / config.gradient_accumulation_steps)
+
+
+def _check_compression_options(model, config: TrainingConfig, total_steps: int) -> None:
+    """Errors of the Hankel penalty and the reduction schedule, before the run folder is touched."""
+    if config.hankel_weight > 0 and not dss_kernels(model):
+        raise TypeError(f"TrainingConfig: `hankel_weight` > 0 needs DSS layers; {type(model).__name__} has none.")
+    if config.reduction is not None:
+        config.reduction.check_model(model)
+        config.reduction.step(total_steps)
+        if AcceleratorState().num_processes > 1:
+            raise ValueError("TrainingConfig: `reduction` during training runs in one process only (the "
+                             "distributed wrapper holds the parameters it was built with).")
+
+
+def _resume(run: _Run, resume_dir: str) -> None:
+    reduction_file = os.path.join(resume_dir, REDUCTION_FILE)
+    if os.path.exists(reduction_file):  # a checkpoint after the reduction: the model must have its shapes first
+        with open(reduction_file, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        model = run.accelerator.unwrap_model(run.model)
+        swap_optimizer_parameters(run.optimizer, resize_dss_layers(model, saved["d_states"]))
+        model.compression_report = CompressionReport.from_dict(saved["report"])
+        run.reduced_at = saved["report"]["training"]["step"]
+    run.accelerator.load_state(resume_dir)
+    run.resumed_from = run.progress.step
+    _truncate_log(run.config.output_dir, run.progress.step, run.accelerator)
+
+
+def _train_loop(run: _Run) -> None:
+    run.model.train()
+    while run.progress.step < run.total_steps:
+        epoch, done_in_epoch = divmod(run.progress.step, run.steps_per_epoch)
+        run.train_loader.set_epoch(epoch)  # the shuffled order depends only on (seed, epoch)
+        batches = run.accelerator.skip_first_batches(
+            run.train_loader, done_in_epoch * run.config.gradient_accumulation_steps)
         for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            running_loss += loss.detach().float().item()
-            running_count += 1
-            if not accelerator.sync_gradients:
+            _training_step(run, batch)
+            if not run.accelerator.sync_gradients:
                 continue
-            scheduler.step()
-            progress.step += 1
-            bar.update(1)
-            step = progress.step
-            if step % config.log_every == 0 or step == total_steps:
-                mean_loss = accelerator.gather(torch.tensor(running_loss / running_count, device=accelerator.device))
-                _log(config.output_dir, accelerator, {
-                    "step": step, "epoch": step / steps_per_epoch, "loss": round(mean_loss.mean().item(), 6),
-                    "learning_rate": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 3),
-                })
-                bar.set_postfix(loss=f"{mean_loss.mean().item():.4f}")
-                running_loss, running_count = 0.0, 0
-            if eval_loader is not None and (step % eval_every == 0 or step == total_steps):
-                last_metrics = evaluate_model(model, eval_loader, accelerator)
-                _log(config.output_dir, accelerator,
-                     {"step": step, **{f"eval_{name}": value for name, value in last_metrics.items()}})
-                accuracy = last_metrics.get("accuracy")
-                if accuracy is not None and (progress.best_accuracy is None or accuracy > progress.best_accuracy):
-                    progress.best_accuracy, progress.best_step = accuracy, step
-                    _save_model(accelerator, model, os.path.join(config.output_dir, "best"))
-                model.train()
-            if step % save_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, config, step)
-            if step >= total_steps:
+            run.scheduler.step()
+            run.progress.step += 1
+            run.bar.update(1)
+            if run.progress.step == run.reduction_step and run.reduced_at is None:
+                _reduce(run)
+            _after_optimizer_step(run)
+            if run.progress.step >= run.total_steps:
                 break
-    bar.close()
-    final_dir = os.path.join(config.output_dir, "final")
-    _save_model(accelerator, model, final_dir)
-    result = TrainResult(config.output_dir, progress.step, progress.best_accuracy, progress.best_step, last_metrics,
-                         resumed_from)
+
+
+def _compute_loss(run: _Run, batch) -> torch.Tensor:
+    """The loss of one micro-batch (the model's own loss)."""
+    return run.model(**batch).loss
+
+
+def _training_step(run: _Run, batch) -> None:
+    """Forward, backward and (at the end of an accumulation window) the optimizer step of one
+    micro-batch; a non-finite loss stops the run or, with `on_nonfinite_loss="skip"`, leaves the
+    micro-batch out (and the whole update, if it was the window's last micro-batch)."""
+    accelerator, optimizer = run.accelerator, run.optimizer
+    with accelerator.accumulate(run.model):
+        loss = _compute_loss(run, batch)
+        loss_value = loss.detach().float().item()  # one sync per micro-batch, as the running loss needs
+        penalty = _hankel_term(run)
+        if penalty is not None:
+            penalty_value = penalty.item()
+            loss = loss + (run.config.hankel_weight * run.config.hankel_every
+                           * run.config.gradient_accumulation_steps * penalty).to(loss.dtype)
+        if _nonfinite_anywhere(accelerator, loss_value if penalty is None else loss_value + penalty_value):
+            _on_nonfinite_loss(run, loss_value)
+            optimizer.zero_grad()  # acts at the window's end only: drops the unsynchronised partial sums
+            return
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    run.running_loss += loss_value
+    run.running_count += 1
+    if penalty is not None:
+        run.running_penalty += penalty_value
+        run.penalty_count += 1
+
+
+def _hankel_term(run: _Run) -> torch.Tensor | None:
+    """`hankel_penalty` (unweighted, float64) when it is due: on the last micro-batch of every
+    `hankel_every`-th optimizer step (`accelerator.backward` divides by the accumulation steps,
+    hence the factor gradient_accumulation_steps on it)."""
+    config = run.config
+    if config.hankel_weight == 0 or not run.accelerator.sync_gradients or run.progress.step % config.hankel_every:
+        return None
+    return hankel_penalty(run.accelerator.unwrap_model(run.model))
+
+
+def _reduce(run: _Run) -> None:
+    """The scheduled reduction, after optimizer step `progress.step`: the model is reduced in
+    place, the optimizer gets the new parameters (fresh moments for them), the schedule goes
+    on; `best/` restarts (the best model must be one of the reduced size)."""
+    step = run.progress.step
+    model = run.accelerator.unwrap_model(run.model)
+    swap_optimizer_parameters(run.optimizer, reduce_during_training(model, run.config.reduction, step,
+                                                                   run.total_steps))
+    run.reduced_at = step
+    run.progress.best_accuracy, run.progress.best_step = None, None
+    _log(run.config.output_dir, run.accelerator, {"step": step, "reduced_d_state": model.config.layer_d_states})
+
+
+def _nonfinite_anywhere(accelerator, loss_value: float) -> bool:
+    """Whether any process saw a non-finite loss (all processes must take the same branch)."""
+    nonfinite = not math.isfinite(loss_value)
+    if accelerator.num_processes == 1:
+        return nonfinite
+    flag = torch.tensor(float(nonfinite), device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def _on_nonfinite_loss(run: _Run, loss_value: float) -> None:
+    step = run.progress.step + 1
+    if run.config.on_nonfinite_loss == "stop":
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: the loss is {loss_value} (non-finite) on at least one process. "
+            "The batch may hold NaN/Inf inputs, or the model diverged (try a lower learning rate); "
+            f"{run.config.output_dir} keeps its last checkpoint and best/ model. Set on_nonfinite_loss='skip' to "
+            "leave such batches out instead."
+        )
+    run.progress.skipped_batches += 1
+    _log(run.config.output_dir, run.accelerator, {"step": step, "skipped_nonfinite_loss": loss_value})
+
+
+def _after_optimizer_step(run: _Run) -> None:
+    """Logging, evaluation (and the best model) and checkpoints after optimizer step `progress.step`."""
+    config, step = run.config, run.progress.step
+    if step % config.log_every == 0 or step == run.total_steps:
+        _log_training_loss(run)
+    if run.eval_loader is not None and (step % (config.eval_every or run.steps_per_epoch) == 0
+                                        or step == run.total_steps):
+        _evaluate_and_keep_best(run)
+    if step % (config.save_every or run.steps_per_epoch) == 0 and step < run.total_steps:
+        _save_checkpoint(run.accelerator, config, step, extra_files=_reduction_files(run))
+
+
+def _log_training_loss(run: _Run) -> None:
+    if run.running_count == 0:  # every micro-batch since the last log was skipped
+        return
+    accelerator, step = run.accelerator, run.progress.step
+    mean_loss = accelerator.gather(torch.tensor(run.running_loss / run.running_count, device=accelerator.device))
+    record = {"step": step, "epoch": step / run.steps_per_epoch, "loss": round(mean_loss.mean().item(), 6)}
+    postfix = {"loss": f"{mean_loss.mean().item():.4f}"}
+    if run.penalty_count:  # the task loss above, the Hankel penalty (Σσ, unweighted) beside it
+        record["hankel_penalty"] = round(run.running_penalty / run.penalty_count, 6)
+        postfix["hankel"] = f"{record['hankel_penalty']:.4g}"
+    _log(run.config.output_dir, accelerator, {
+        **record, "learning_rate": run.scheduler.get_last_lr()[0], "seconds": round(time.time() - run.started, 3),
+    })
+    run.bar.set_postfix(postfix)
+    run.running_loss, run.running_count = 0.0, 0
+    run.running_penalty, run.penalty_count = 0.0, 0
+
+
+def _evaluate_and_keep_best(run: _Run) -> None:
+    step, progress = run.progress.step, run.progress
+    run.last_metrics = evaluate_model(run.model, run.eval_loader, run.accelerator)
+    _log(run.config.output_dir, run.accelerator,
+         {"step": step, **{f"eval_{name}": value for name, value in run.last_metrics.items()}})
+    accuracy = run.last_metrics.get("accuracy")
+    if accuracy is not None and (progress.best_accuracy is None or accuracy > progress.best_accuracy):
+        progress.best_accuracy, progress.best_step = accuracy, step
+        _save_model(run.accelerator, run.model, os.path.join(run.config.output_dir, "best"))
+    run.model.train()
+
+
+def _finish(run: _Run) -> TrainResult:
+    """`final/` with `run_summary.json`."""
+    accelerator, progress = run.accelerator, run.progress
+    final_dir = os.path.join(run.config.output_dir, "final")
+    _save_model(accelerator, run.model, final_dir)
+    result = TrainResult(run.config.output_dir, progress.step, progress.best_accuracy, progress.best_step,
+                         run.last_metrics, run.resumed_from, progress.skipped_batches)
     if accelerator.is_main_process:
         with open(os.path.join(final_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump({**asdict(result), "num_processes": accelerator.num_processes}, handle, indent=2)
@@ -233,26 +475,24 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
 def evaluate_model(model, loader, accelerator) -> dict:
     """Mean loss and accuracy over the whole evaluation set, gathered over all processes
     (`gather_for_metrics` drops the samples duplicated to fill the last batch)."""
-    model.eval()
-    classification = accelerator.unwrap_model(model).config.num_labels > 1
-    correct, count, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        outputs = model(**batch)
-        logits, labels = accelerator.gather_for_metrics((outputs.logits, batch["labels"]))
-        if classification:
-            correct += (logits.argmax(-1) == labels).sum().item()
-            loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        else:
-            loss_sum += torch.nn.functional.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum").item()
-        count += labels.shape[0]
-    metrics = {"loss": loss_sum / max(count, 1), "samples": count}
-    if classification:
-        metrics["accuracy"] = correct / max(count, 1)
-    return metrics
+    return evaluation_metrics(model, loader, gather=accelerator.gather_for_metrics,
+                              config=accelerator.unwrap_model(model).config)
 
 
 def _comparable(config: TrainingConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainingConfig.RESUMABLE_CHANGES}
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainingConfig.RESUMABLE_CHANGES}
+    if values.get("reduction") is not None:
+        values["reduction"] = values["reduction"].to_dict()
+    return values
+
+
+def _reduction_files(run: _Run) -> dict:
+    """What a checkpoint after the reduction needs to be loaded into the original model: the
+    reduced sizes and the compression report."""
+    if run.reduced_at is None:
+        return {}
+    model = run.accelerator.unwrap_model(run.model)
+    return {REDUCTION_FILE: {"d_states": model.config.layer_d_states, "report": model.compression_report.to_dict()}}
 
 
 def _prepare_run_folder(output_dir: str, run_config: dict, accelerator) -> str | None:
@@ -262,10 +502,19 @@ def _prepare_run_folder(output_dir: str, run_config: dict, accelerator) -> str |
         raise RunFolderError(f"{output_dir} already holds a finished run ({summary}); choose another output folder "
                              "or delete it.")
     config_path = os.path.join(output_dir, RUN_CONFIG_FILE)
-    if os.path.exists(config_path):
+    started = _has_started(output_dir)
+    if os.path.exists(config_path) and not started:
+        # a run that failed before its first checkpoint or saved model: nothing to keep, start afresh
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.remove(config_path)
+            if os.path.exists(os.path.join(output_dir, METRICS_FILE)):
+                os.remove(os.path.join(output_dir, METRICS_FILE))
+        accelerator.wait_for_everyone()
+    elif os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as handle:
             saved = json.load(handle)
-        differences = _differences(saved, json.loads(json.dumps(run_config)))
+        differences = _differences(_with_defaults(saved), json.loads(json.dumps(run_config, default=str)))
         if differences:
             raise RunFolderError(f"{output_dir} holds a run with another configuration; differing fields: "
                                  f"{', '.join(differences)}. Use another output folder or the same settings.")
@@ -280,6 +529,32 @@ def _prepare_run_folder(output_dir: str, run_config: dict, accelerator) -> str |
                 json.dump(run_config, handle, indent=2, default=str)
     accelerator.wait_for_everyone()
     return latest_checkpoint(output_dir)
+
+
+def _has_started(output_dir: str) -> bool:
+    """Whether the folder holds anything of a run worth keeping: a checkpoint or a saved model."""
+    checkpoints = os.path.join(output_dir, CHECKPOINT_DIR)
+    return (latest_checkpoint(output_dir) is not None or os.path.isdir(os.path.join(output_dir, "best"))
+            or os.path.isdir(os.path.join(output_dir, "final"))
+            or (os.path.isdir(checkpoints) and any(name.startswith("step_") for name in os.listdir(checkpoints))))
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved run configuration with the defaults of fields added since it was written (a run
+    started by an older version resumes if it used what are now the defaults)."""
+    from ..configuration_s4dss import S4DSSConfig
+
+    saved = json.loads(json.dumps(saved))
+    training = saved.get("training", {})
+    for option in fields(TrainingConfig):
+        if option.name not in training and option.name not in TrainingConfig.RESUMABLE_CHANGES:
+            if option.default is not MISSING:
+                training[option.name] = option.default
+    model = saved.get("model", {})
+    for name in getattr(S4DSSConfig, "__annotations__", {}):
+        if name not in model and hasattr(S4DSSConfig, name):
+            model[name] = getattr(S4DSSConfig, name)
+    return saved
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -310,9 +585,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(root, max(complete, key=lambda name: int(name.split("_")[1])))
 
 
-def _save_checkpoint(accelerator, config: TrainingConfig, step: int) -> None:
+def _save_checkpoint(accelerator, config: TrainingConfig, step: int, extra_files: dict | None = None) -> None:
     """`save_state` into a temporary folder renamed into place, so a run killed mid-write never
-    leaves a checkpoint that looks complete; keeps the newest `keep_checkpoints`."""
+    leaves a checkpoint that looks complete; keeps the newest `keep_checkpoints`. `extra_files`:
+    {name: JSON-able object} written into the checkpoint too."""
     root = os.path.join(config.output_dir, CHECKPOINT_DIR)
     final = os.path.join(root, f"step_{step}")
     partial = os.path.join(root, f".partial_step_{step}")
@@ -323,6 +599,9 @@ def _save_checkpoint(accelerator, config: TrainingConfig, step: int) -> None:
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(partial, name), "w", encoding="utf-8") as handle:
+                json.dump(content, handle)
         with open(os.path.join(partial, _COMPLETE_MARKER), "w", encoding="utf-8") as handle:
             json.dump({"step": step}, handle)
         shutil.rmtree(final, ignore_errors=True)
@@ -334,11 +613,19 @@ def _save_checkpoint(accelerator, config: TrainingConfig, step: int) -> None:
 
 
 def _save_model(accelerator, model, directory: str) -> None:
+    """`save_pretrained` of the unwrapped model; refuses non-finite weights (`best/` and `final/`
+    only ever hold usable models)."""
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    bad = [name for name, tensor in unwrapped.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteLossError(f"not saving {directory}: the weights hold NaN/Inf ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}); the run diverged.")
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar on every save
     try:
-        accelerator.unwrap_model(model).save_pretrained(directory, is_main_process=accelerator.is_main_process)
+        unwrapped.save_pretrained(directory, is_main_process=accelerator.is_main_process)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

@@ -9,17 +9,29 @@ initial lr, checkpoints and resume, evaluation) is the stock Trainer's.
 
 Gradient accumulation is correct because the model sets `accepts_loss_kwargs = False`: its loss
 is a per-batch mean, so the Trainer divides it by `gradient_accumulation_steps` itself.
+
+Compression-aware training: `hankel_weight` adds λ · `hankel_penalty(model)` to the loss (logged
+as `hankel_penalty`, unweighted, beside `task_loss`; the Trainer's `loss` is their weighted sum),
+and `reduction=ReductionSchedule(...)` reduces every layer during training (`ReductionCallback`).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import os
+
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import unwrap_peft_model
 
+from ..compression_report import CompressionReport
+from ..hankel_penalty import hankel_penalty
 from ..optimization import ssm_param_groups
+from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 # Optimizer kwargs with which `get_optimizer_cls_and_kwargs` says that the optimizer builds its own
 # parameter groups (GaLore/Apollo: "params", LOMO: "model", layer-wise: "optimizer_dict").
@@ -42,12 +54,75 @@ class S4DSSTrainer(Trainer):
     still takes precedence, as in `Trainer`.
 
     Raises `TypeError` if the model is not an S4-DSS model (e.g. a model with no DSS kernels).
+
+    Extra arguments (keywords):
+        hankel_weight (`float`, default 0): add hankel_weight · `hankel_penalty(model)` to the
+            training loss, evaluated on the first micro-batch of every `hankel_every`-th optimizer
+            step with weight hankel_weight · hankel_every (the same strength on average).
+        hankel_every (`int`, default 1).
+        reduction (`ReductionSchedule`): reduce every DSS layer during training (adds a
+            `ReductionCallback`); a checkpoint written after the reduction resumes into the
+            original model (`resume_from_checkpoint`), which is resized first.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, hankel_weight: float = 0.0, hankel_every: int = 1,
+                 reduction: ReductionSchedule | None = None, **kwargs):
+        _check_hankel_options(hankel_weight, hankel_every)
+        reduction = ReductionSchedule.coerce(reduction)
         super().__init__(*args, **kwargs)
-        if self.model is not None and self.optimizer is None:
+        self.hankel_weight, self.hankel_every = float(hankel_weight), int(hankel_every)
+        self._hankel_step = None  # the optimizer step whose penalty was added
+        self._task_losses, self._penalties = [], []
+        if self.model is not None and (self.optimizer is None or hankel_weight > 0 or reduction is not None):
             self._s4dss_model(self.model)  # fail now rather than when training starts
+        if reduction is not None:
+            reduction.check_model(self._s4dss_model(self.model))
+            if self.args.load_best_model_at_end:
+                raise ValueError("S4DSSTrainer: `reduction` cannot be combined with `load_best_model_at_end` (the "
+                                 "best checkpoint may hold the model before its reduction, of another size).")
+            self.add_callback(ReductionCallback(reduction))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss, plus the weighted Hankel penalty when it is due (training only)."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.hankel_weight == 0 or not model.training:
+            return result
+        loss = result[0] if return_outputs else result
+        self._task_losses.append(loss.detach().float().item())
+        step = self.state.global_step
+        if step % self.hankel_every or self._hankel_step == step:  # not due, or added on this step already
+            return result
+        self._hankel_step = step
+        penalty = hankel_penalty(self._s4dss_model(model))
+        self._penalties.append(penalty.item())
+        # training_step divides by the accumulation steps; the penalty is added once per optimizer step
+        weight = self.hankel_weight * self.hankel_every * getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = loss + (weight * penalty).to(loss.dtype)
+        return (loss, *result[1:]) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """Training logs gain `task_loss` and `hankel_penalty` (means since the last log)."""
+        if "loss" in logs and self._task_losses:
+            logs["task_loss"] = round(sum(self._task_losses) / len(self._task_losses), 6)
+            if self._penalties:
+                logs["hankel_penalty"] = round(sum(self._penalties) / len(self._penalties), 6)
+            self._task_losses, self._penalties = [], []
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume: a checkpoint written after a scheduled reduction holds a smaller model; the
+        model is resized (and given the checkpoint's compression report) before loading it."""
+        target = self._s4dss_model(self.model if model is None else model)
+        config_path = os.path.join(resume_from_checkpoint, "config.json")
+        if os.path.isfile(config_path) and hasattr(target.config, "layer_d_states"):
+            with open(config_path, encoding="utf-8") as handle:
+                saved = json.load(handle)["d_state"]
+            states = saved if isinstance(saved, list) else [saved] * target.config.n_layers
+            if states != target.config.layer_d_states:
+                resize_dss_layers(target, states)
+                target.compression_report = CompressionReport.load(resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
     def _s4dss_model(self, model: nn.Module) -> nn.Module:
         """The S4-DSS model inside `model` (which may be wrapped by accelerate, DDP, FSDP or PEFT)."""
@@ -94,4 +169,43 @@ class S4DSSTrainer(Trainer):
         return self.optimizer
 
 
-__all__ = ["S4DSSTrainer"]
+def _check_hankel_options(hankel_weight, hankel_every) -> None:
+    if isinstance(hankel_weight, bool) or not isinstance(hankel_weight, numbers.Real):
+        raise TypeError(f"S4DSSTrainer: `hankel_weight` must be a number, got {hankel_weight!r}.")
+    if not math.isfinite(hankel_weight) or hankel_weight < 0:
+        raise ValueError(f"S4DSSTrainer: `hankel_weight` must be finite and >= 0, got {hankel_weight}.")
+    if isinstance(hankel_every, bool) or not isinstance(hankel_every, numbers.Integral):
+        raise TypeError(f"S4DSSTrainer: `hankel_every` must be an int, got {hankel_every!r}.")
+    if hankel_every < 1:
+        raise ValueError(f"S4DSSTrainer: `hankel_every` must be >= 1, got {hankel_every}.")
+
+
+class ReductionCallback(TrainerCallback):
+    """Applies a `ReductionSchedule` in a transformers `Trainer`: after optimizer step
+    `schedule.step(state.max_steps)` the model is reduced in place and the optimizer's groups get
+    the new parameters (fresh moments for them, the others keep theirs; the LR schedule goes on).
+    The step is checked against the run when training begins, before any training step."""
+
+    def __init__(self, schedule: ReductionSchedule):
+        self.schedule = ReductionSchedule.coerce(schedule)
+        self.reduction_step = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.schedule.check_model(model)
+        self.reduction_step = self.schedule.step(state.max_steps)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step != self.reduction_step or _already_reduced_at(model, state.global_step):
+            return
+        swap_optimizer_parameters(optimizer, reduce_during_training(model, self.schedule, state.global_step,
+                                                                    state.max_steps))
+        control.should_log = True
+
+
+def _already_reduced_at(model, step) -> bool:
+    """Whether `model` was reduced after `step` already (a resumed run must not reduce twice)."""
+    report = getattr(model, "compression_report", None)
+    return report is not None and (report.training or {}).get("step") == step
+
+
+__all__ = ["ReductionCallback", "S4DSSTrainer"]

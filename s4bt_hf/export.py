@@ -1,0 +1,366 @@
+"""Export the streaming step of an S4-DSS model for edge runtimes: ONNX (through
+`torch.onnx.export(..., dynamo=True)`, optionally int8) or a `torch.export` program (`.pt2`).
+
+What is exported is `model.streaming_module()`: one position per call, real tensors only, the
+state passed in and returned explicitly (see `streaming_real.py`). The output folder holds
+
+    model.onnx | model.pt2    the graph: (inputs, *states) -> (output, *new_states)
+    model.int8.onnx           with `int8=True`: linear layers int8 (dynamic), SSM recurrence fp32
+    export.json               inputs, outputs and states: names, shapes, dtypes; checks; file sizes
+    README.md, config.json    the model card and configuration of the exported model
+
+`load_exported(folder)` runs an exported folder from Python and checks every input against
+export.json. Not part of the remote code of checkpoints (modeling_s4dss.py does not import it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+EXPORT_FORMATS = ("onnx", "torch")
+DESCRIPTION_FILE = "export.json"
+GRAPH_FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
+INT8_FILE = "model.int8.onnx"
+EXPORT_EXTRA = 'pip install "s4bt-hf[export]"'
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+CHECK_STEPS = 32  # steps compared against eager streaming right after export
+
+
+class ExportDependencyError(ImportError):
+    """A package of the `[export]` extra is missing."""
+
+
+def require_export_dependencies(modules=ONNX_MODULES) -> None:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportDependencyError(
+            f"ONNX export needs {', '.join(missing)}: install the export extra with `{EXPORT_EXTRA}`."
+        )
+
+
+def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False) -> dict:
+    """Export the streaming step of an eval-mode, unidirectional S4-DSS model into a NEW folder.
+
+    Args:
+        model: `S4DSSForSequenceClassification` or `S4DSSModel` (a compressed one works the same).
+        output_dir: folder to create; refused if it exists and is not empty (nothing is overwritten).
+        format: `"onnx"` or `"torch"` (a `torch.export` program, `.pt2`).
+        int8: also write `model.int8.onnx` (ONNX only): dynamic int8 quantisation of the linear
+            layers by onnxruntime; the SSM recurrence stays in float32.
+    Returns: the description written to export.json.
+    """
+    from .modeling_s4dss import S4DSSPreTrainedModel
+
+    if not isinstance(model, S4DSSPreTrainedModel):
+        raise TypeError(f"`model` must be an S4-DSS model (S4DSSPreTrainedModel), got {type(model).__name__}.")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"`format` must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}.")
+    if not isinstance(int8, bool):
+        raise TypeError(f"`int8` must be a bool, got {type(int8).__name__}.")
+    if int8 and format != "onnx":
+        raise ValueError("`int8=True` quantises with onnxruntime: it needs `format='onnx'`.")
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}.")
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"`output_dir` {output_dir} already exists and is not an empty folder; nothing was "
+                              "written. Choose a new folder.")
+    module = model.streaming_module()  # refuses bidirectional models and training mode
+    if format == "onnx":
+        require_export_dependencies()
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".s4bt-export-", dir=parent)  # renamed into place when complete
+    try:
+        graph_path = os.path.join(staging, GRAPH_FILES[format])
+        with _quiet_exporter():
+            if format == "onnx":
+                opset = _export_onnx(module, graph_path)
+            else:
+                opset = None
+                torch.export.save(_torch_export(module), graph_path)
+            if int8:
+                _quantize_int8(graph_path, os.path.join(staging, INT8_FILE))
+        description = describe(model, module, format, int8, opset)
+        description["check"] = _check_against_eager(model, module, staging, description)
+        description["file_bytes"] = {
+            name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))
+        }
+        _write_card_and_config(model, staging, description)
+        with open(os.path.join(staging, DESCRIPTION_FILE), "w", encoding="utf-8") as handle:
+            json.dump(description, handle, indent=2)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above); fails rather than overwrite if filled since
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return description
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters log optional-dependency notes and deprecation warnings that are not ours."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _dynamic_batch(module):
+    batch = torch.export.Dim("batch", min=1)
+    return ({0: batch}, tuple({0: batch} for _ in module.state_names()))
+
+
+def _export_onnx(module, path: str) -> int:
+    names = ["inputs", *module.state_names()]
+    program = torch.onnx.export(
+        module, module.example_inputs(2), dynamo=True, input_names=names,
+        output_names=[_output_name(module), *(f"new_{name}" for name in module.state_names())],
+        dynamic_shapes=_dynamic_batch(module), verbose=False,
+    )
+    program.save(path)
+    return max(int(entry.version) for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def _torch_export(module):
+    return torch.export.export(module, module.example_inputs(2), dynamic_shapes=_dynamic_batch(module))
+
+
+def _quantize_int8(source: str, target: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = os.path.join(scratch, "prepared.onnx")  # shape inference + folding, as onnxruntime advises
+        quant_pre_process(source, prepared)
+        # MatMul/Gemm only: the linear layers. The recurrence is Mul/Add and stays float32 (Q-S5:
+        # recurrent weights below 8 bits degrade; the dynamic quantiser leaves those ops alone).
+        quantize_dynamic(prepared, target, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         per_channel=True)
+
+
+def _output_name(module) -> str:
+    return "logits" if module.is_classifier else "hidden_state"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(model, module, format: str, int8: bool, opset) -> dict:
+    """The export.json description: every input, output and state with shape and dtype."""
+    config = model.config
+    input_entry = {
+        "name": "inputs",
+        "shape": ["batch"] if module.uses_tokens else ["batch", module.input_dim],
+        "dtype": _dtype_name(module.input_dtype),
+        "meaning": "token ids of one position" if module.uses_tokens else "input values of one position",
+    }
+    states = []
+    for name, shape, dtype in zip(module.state_names(), module.state_shapes(1), module.state_dtypes(), strict=True):
+        meaning = {"pooled_sum": "running sum of the outputs (mean pooling)",
+                   "pooled_count": "positions read so far (mean pooling)"}.get(
+            name, "SSM state of one layer: (re, im) of every complex mode")
+        states.append({"name": name, "shape": ["batch", *shape[1:]], "dtype": _dtype_name(dtype),
+                       "initial": "zeros", "meaning": meaning})
+    output_shape = ["batch", config.num_labels] if module.is_classifier else ["batch", config.d_model]
+    outputs = [{"name": _output_name(module), "shape": output_shape, "dtype": _dtype_name(module.encoder.weight.dtype),
+                "meaning": "logits of the prefix read so far" if module.is_classifier
+                else "hidden state at this position"}]
+    outputs += [{**state, "name": f"new_{state['name']}", "meaning": "feed back as " + state["name"]}
+                for state in states]
+    state_elements = sum(int(torch.Size(shape[1:]).numel()) for shape in module.state_shapes(1))
+    state_bytes = sum(int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
+                      for shape, dtype in zip(module.state_shapes(1), module.state_dtypes(), strict=True))
+    versions = {"torch": torch.__version__}
+    if format == "onnx":
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            versions[name] = importlib.import_module(name).__version__
+    return {
+        "format": format,
+        "graph": GRAPH_FILES[format],
+        "int8_graph": INT8_FILE if int8 else None,
+        "int8_scope": "linear layers (MatMul/Gemm) int8 dynamic; SSM recurrence float32" if int8 else None,
+        "opset": opset,
+        "call": "(inputs, *states) -> (output, *new_states); every tensor shares the batch size",
+        "inputs": [input_entry, *states],
+        "outputs": outputs,
+        "model": {
+            "class": type(model).__name__,
+            "d_model": config.d_model,
+            "n_layers": config.n_layers,
+            "d_state": list(module.d_states),
+            "input": "input_ids" if module.uses_tokens else "input_values",
+            "pooling": config.pooling if module.is_classifier else None,
+            "num_labels": config.num_labels if module.is_classifier else None,
+            "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
+            "compressed": model.compression_report is not None,
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "state_elements_per_sequence": state_elements,
+        "state_bytes_per_sequence": state_bytes,
+        "versions": versions,
+    }
+
+
+def _check_against_eager(model, module, folder: str, description: dict) -> dict:
+    """Run the exported graph(s) for CHECK_STEPS steps on random inputs next to `streaming_step`."""
+    generator = torch.Generator().manual_seed(0)
+    batch = 2
+    if module.uses_tokens:
+        inputs = torch.randint(0, model.config.vocab_size, (CHECK_STEPS, batch), generator=generator)
+    else:
+        inputs = torch.randn(CHECK_STEPS, batch, module.input_dim, generator=generator, dtype=module.input_dtype)
+    key = "input_ids" if module.uses_tokens else "input_values"
+    with torch.no_grad():
+        state = model.init_streaming_state(batch)
+        expected = []
+        for position in inputs:
+            output, state = model.streaming_step(state, **{key: position})
+            expected.append(output)
+    expected = torch.stack(expected)
+    result = {"steps": CHECK_STEPS, "batch": batch}
+    graphs = {"max_abs_error": description["graph"]}
+    if description["int8_graph"]:
+        graphs["int8_max_abs_error"] = description["int8_graph"]
+    for key_name, graph in graphs.items():
+        runner = ExportedStreamingModel(folder, description, graph)
+        outputs = runner.run(inputs)
+        result[key_name] = float((torch.as_tensor(outputs) - expected).abs().max())
+    result["max_abs_output"] = float(expected.abs().max())
+    return result
+
+
+def _write_card_and_config(model, folder: str, description: dict) -> None:
+    from .model_card import render_model_card
+
+    model.config.to_json_file(os.path.join(folder, "config.json"))
+    card = render_model_card(model)
+    shapes = "\n".join(f"| `{entry['name']}` | {tuple(entry['shape'])} | {entry['dtype']} | {entry['meaning']} |"
+                       for entry in description["inputs"])
+    card += (
+        "\n## Exported streaming step\n\n"
+        f"`{description['graph']}` ({description['format']}) runs one position per call: "
+        f"`{description['call']}`. Start from zero states; feed each `new_*` output back as the state.\n\n"
+        "| input | shape | dtype | meaning |\n|---|---|---|---|\n" + shapes + "\n\n"
+        f"State per sequence: {description['state_bytes_per_sequence']} bytes. "
+        f"Checked against eager streaming over {description['check']['steps']} steps: max abs error "
+        f"{description['check']['max_abs_error']:.2e}"
+        + (f" (int8: {description['check']['int8_max_abs_error']:.2e})" if description["int8_graph"] else "")
+        + ". Full description: `export.json`.\n"
+    )
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
+
+
+class ExportedStreamingModel:
+    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`.
+    Every input is checked against export.json before it reaches the runtime.
+
+        runner = load_exported("exported/")            # or load_exported(folder, int8=True)
+        state = runner.initial_state(batch_size=1)
+        for x_t in sequence:
+            output, state = runner.step(x_t, state)
+    """
+
+    def __init__(self, folder: str, description: dict, graph: str):
+        self.folder = folder
+        self.description = description
+        self.graph = graph
+        self.inputs = description["inputs"]
+        path = os.path.join(folder, graph)
+        if graph.endswith(".onnx"):
+            require_export_dependencies(("onnxruntime",))
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = 1  # one position per call: threads only add overhead
+            self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self._program = None
+        else:
+            self._session = None
+            self._program = torch.export.load(path).module()
+
+    def initial_state(self, batch_size: int) -> list:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        states = []
+        for entry in self.inputs[1:]:
+            shape = (batch_size, *entry["shape"][1:])
+            tensor = torch.zeros(shape, dtype=getattr(torch, entry["dtype"]))
+            states.append(tensor.numpy() if self._session is not None else tensor)
+        return states
+
+    def _check(self, values) -> int:
+        if len(values) != len(self.inputs):
+            raise ValueError(f"The exported step takes {len(self.inputs)} tensors (inputs and "
+                             f"{len(self.inputs) - 1} states, see {DESCRIPTION_FILE}), got {len(values)}.")
+        batch = None
+        for entry, value in zip(self.inputs, values, strict=True):
+            shape = tuple(getattr(value, "shape", ()))
+            dtype = str(getattr(value, "dtype", type(value).__name__)).removeprefix("torch.")
+            expected = tuple(entry["shape"])
+            batch = shape[0] if batch is None and shape else batch
+            wanted = (batch, *expected[1:])
+            if len(shape) != len(expected) or shape != wanted or dtype != entry["dtype"]:
+                raise ValueError(
+                    f"`{entry['name']}` must be {entry['dtype']} of shape {expected} with batch {batch} "
+                    f"({entry['meaning']}; see {DESCRIPTION_FILE}), got {dtype} of shape {shape}."
+                )
+        return batch
+
+    def step(self, inputs, state):
+        """One position: `inputs` and the state list -> (output, new state list)."""
+        values = [inputs, *state]
+        self._check(values)
+        if self._session is not None:
+            feed = {entry["name"]: (value.numpy() if isinstance(value, torch.Tensor) else value)
+                    for entry, value in zip(self.inputs, values, strict=True)}
+            output, *new_state = self._session.run(None, feed)
+        else:
+            with torch.no_grad():
+                output, *new_state = self._program(*[torch.as_tensor(value) for value in values])
+        return output, new_state
+
+    def run(self, sequence):
+        """Stream a whole (L, B, ...) sequence from the zero state; returns the (L, B, ...) outputs."""
+        state = self.initial_state(int(sequence.shape[1]))
+        outputs = []
+        for position in sequence:
+            output, state = self.step(position, state)
+            outputs.append(torch.as_tensor(output))
+        return torch.stack(outputs)
+
+
+def load_exported(folder, *, int8: bool = False) -> ExportedStreamingModel:
+    """Open a folder written by `export_model` (its int8 graph with `int8=True`)."""
+    path = os.path.join(os.fspath(folder), DESCRIPTION_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} holds no {DESCRIPTION_FILE}: not a folder written by `export_model`.")
+    with open(path, encoding="utf-8") as handle:
+        description = json.load(handle)
+    graph = description["int8_graph"] if int8 else description["graph"]
+    if graph is None:
+        raise ValueError(f"{folder} holds no int8 graph: export with `int8=True` (`--int8`).")
+    return ExportedStreamingModel(os.fspath(folder), description, graph)

@@ -1,0 +1,214 @@
+"""Data-aware refit of a reduced model's output maps: with the reduced modes (and input vectors)
+fixed, each channel's output vectors C and skip D are refit by least squares so that the
+reduced layer's output matches the ORIGINAL layer's output on the original layer's own inputs,
+captured with forward hooks on a few calibration batches.
+
+For channel h of a layer with reduced discrete modes ā_j, input vector b̄_j and the layer's
+input u, each output row ρ and mode j contribute Re(C_ρj z_j) ⋆_ρ u with z_j,k = b̄_j ā_j^k
+(⋆_0: the causal convolution, ⋆_1: the backward one of a bidirectional layer), and
+
+    Re(C z) = Re C · Re z - Im C · Im z,
+
+so the layer output  y = Σ_ρj Re(C_ρj z_j) ⋆_ρ u + D u  is linear in θ = [Re C; Im C; D]:
+y = X θ with the columns of X the responses Re z_j ⋆ u, -Im z_j ⋆ u and u. θ minimises
+‖y_original - X θ‖² + α ‖θ - θ₀‖² (θ₀: the reduction method's own coefficients), i.e.
+
+    (Xᵀ X + α I) θ = Xᵀ y_original + α θ₀,    α = 1e-6 · mean diag(Xᵀ X),
+
+in float64, accumulated over the valid (attention-mask 1) positions of all calibration
+sequences. The responses of nearby modes are nearly collinear over a finite window; the pull
+towards θ₀ keeps the coefficients (and so the kernel beyond the data) from growing without
+need.
+Deterministic; the original model is run in eval mode without gradients and left as it was.
+
+This file is copied into saved checkpoints (remote code): it imports only torch and siblings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+
+from .kernel_s4dss import two_sided_kernel, zoh_discretize
+
+_INPUT_KEYS = ("input_ids", "input_values", "inputs_embeds")
+_ACCEPTED_KEYS = (*_INPUT_KEYS, "attention_mask", "labels")
+_RIDGE = 1e-6
+
+
+def check_calibration_data(model, calibration_data) -> list[dict]:
+    """The calibration batches as a list of dicts of tensors the model takes; a clear error naming
+    `calibration_data` for anything else (checked on the model itself, without changing it)."""
+    if isinstance(calibration_data, Mapping):
+        batches = [calibration_data]
+    elif isinstance(calibration_data, (list, tuple)):
+        batches = list(calibration_data)
+    else:
+        raise TypeError("`calibration_data` must be a batch (a dict of tensors such as {'input_values': ..., "
+                        "'attention_mask': ...}) or a list of such batches, got "
+                        f"{type(calibration_data).__name__}.")
+    if not batches:
+        raise ValueError("`calibration_data` holds no batch.")
+    checked = []
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"`calibration_data` batch {index} must be a dict of tensors, got {type(batch).__name__}.")
+        unknown = sorted(set(batch) - set(_ACCEPTED_KEYS))
+        if unknown:
+            raise ValueError(f"`calibration_data` batch {index} has key(s) {unknown} the model does not take "
+                             f"(accepted: {', '.join(_ACCEPTED_KEYS)}).")
+        inputs = [key for key in _INPUT_KEYS if key in batch]
+        if len(inputs) != 1:
+            raise ValueError(f"`calibration_data` batch {index} must hold exactly one of {', '.join(_INPUT_KEYS)}, "
+                             f"got {inputs or 'none'}.")
+        for key in batch:
+            if not isinstance(batch[key], torch.Tensor):
+                raise TypeError(f"`calibration_data` batch {index}: `{key}` must be a torch.Tensor, got "
+                                f"{type(batch[key]).__name__}.")
+        batch = {key: value for key, value in batch.items() if key != "labels"}
+        try:
+            with torch.no_grad(), _evaluation(model):
+                model(**batch)
+        except (ValueError, TypeError, RuntimeError, IndexError) as error:
+            raise ValueError(f"`calibration_data` batch {index} does not fit the model: {error}") from error
+        checked.append(batch)
+    return checked
+
+
+@contextmanager
+def _evaluation(model):
+    """Run a model in eval mode (no dropout, no BatchNorm statistics update), then restore the
+    mode of every module."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def mode_responses(kernel, length: int) -> torch.Tensor:
+    """The two-sided FFT layout (`two_sided_kernel`) of every regressor kernel of one reduced
+    layer, (c, 2r, H, 2L) real in float64: row ρ, [Re z_j; -Im z_j] with z_j,k = b̄_j ā_j^k; padding
+    modes (zero output vector) are left out as zero kernels."""
+    with torch.no_grad():
+        modes = kernel.modes(torch.float64).detach().cpu()
+        log_dt = kernel.log_dt.detach().to("cpu", torch.float64)
+        input_vec = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64).contiguous())
+        output_vec = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64).contiguous())  # (c, H, r)
+    log_a_bar, input_bar = zoh_discretize(modes, log_dt, input_vec)
+    steps = torch.arange(length, dtype=torch.float64)
+    powers = input_bar.unsqueeze(-1) * torch.exp(log_a_bar.unsqueeze(-1) * steps)  # (H, r, L)
+    basis = torch.cat([powers.real, -powers.imag], 1).transpose(0, 1)  # (2r, H, L)
+    in_use = (output_vec != 0).any(0).transpose(0, 1)  # (r, H)
+    basis = basis * torch.cat([in_use, in_use], 0).unsqueeze(-1)
+    rows = output_vec.shape[0]
+    layouts = []
+    for row in range(rows):
+        stacked = torch.zeros(rows, *basis.shape, dtype=torch.float64)
+        stacked[row] = basis
+        # two_sided_kernel takes (c, H, L): fold the 2r regressors into the channel axis
+        layouts.append(two_sided_kernel(stacked.reshape(rows, -1, length)).reshape(*basis.shape[:2], 2 * length))
+    return torch.stack(layouts)
+
+
+class _NormalEquations:
+    """Xᵀ X, Xᵀ y and yᵀ y of one layer, per channel, accumulated sequence by sequence."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.gram = self.cross = self.energy = None
+        self.responses, self.length = None, None
+
+    def add(self, inputs: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor) -> None:
+        """inputs, outputs (B, L, H); mask (B, L) bool of valid positions."""
+        length = inputs.shape[1]
+        if self.length != length:
+            self.responses, self.length = mode_responses(self.kernel, length), length
+        spectra = torch.fft.rfft(self.responses, n=2 * length)  # (c, 2r, H, L+1)
+        for sample in range(inputs.shape[0]):
+            valid = mask[sample]
+            if not valid.any():
+                continue
+            signal = inputs[sample].T.to(torch.float64)  # (H, L)
+            signal = torch.where(valid, signal, 0.0)
+            convolved = torch.fft.irfft(spectra * torch.fft.rfft(signal, n=2 * length), n=2 * length)[..., :length]
+            features = torch.cat([convolved.flatten(0, 1), signal.unsqueeze(0)], 0)[..., valid]  # (P, H, n)
+            features = features.permute(1, 2, 0)  # (H, n, P)
+            target = outputs[sample].T.to(torch.float64)[..., valid]  # (H, n)
+            gram = features.mT @ features
+            cross = (features.mT @ target.unsqueeze(-1)).squeeze(-1)
+            energy = target.square().sum(-1)
+            if self.gram is None:
+                self.gram, self.cross, self.energy = gram, cross, energy
+            else:
+                self.gram += gram
+                self.cross += cross
+                self.energy += energy
+
+    def residual(self, theta: torch.Tensor) -> torch.Tensor:
+        """Relative output error ‖y - Xθ‖ / ‖y‖ per channel."""
+        squared = self.energy - 2 * (theta * self.cross).sum(-1) + (theta * (self.gram @ theta.unsqueeze(-1))
+                                                                     .squeeze(-1)).sum(-1)
+        return (squared.clamp_min(0.0) / self.energy.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+    def solve(self, start: torch.Tensor) -> torch.Tensor:
+        """θ of the regularised normal equations (see the module), pulled towards `start`."""
+        weight = _RIDGE * self.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
+        identity = torch.eye(self.gram.shape[-1], dtype=torch.float64)
+        return torch.linalg.solve(self.gram + weight[:, None, None] * identity,
+                                  self.cross + weight.unsqueeze(-1) * start)
+
+
+def _coefficients(kernel) -> torch.Tensor:
+    """θ = [Re C (row-major over rows and modes); Im C; D] of a layer, (H, P)."""
+    with torch.no_grad():
+        output_vec = kernel.C.detach().to("cpu", torch.float64)  # (c, H, r, 2)
+        parts = [torch.cat([output_vec[row, ..., 0], output_vec[row, ..., 1]], -1) for row in range(len(output_vec))]
+        return torch.cat([*parts, kernel.D.detach().to("cpu", torch.float64).unsqueeze(-1)], -1)
+
+
+def _write_coefficients(kernel, theta: torch.Tensor) -> None:
+    rows, _, rank, _ = kernel.C.shape
+    values = theta[:, :-1].reshape(-1, rows, 2, rank).permute(1, 0, 3, 2)  # (c, H, r, 2)
+    with torch.no_grad():
+        kernel.C.copy_(values.to(kernel.C.dtype))
+        kernel.D.copy_(theta[:, -1].to(kernel.D.dtype))
+
+
+def refit_output_maps(original, reduced, batches: list[dict]) -> list[dict]:
+    """Refit the output vectors C and skips D of every DSS layer of `reduced` (in place: it is the
+    new model `reduce` returns) on the calibration `batches` run through `original` (unchanged).
+    Returns per layer the relative output error per channel before and after, and their means."""
+    equations = [_NormalEquations(layer.kernel) for layer in reduced.base_model.layers]
+    current = {"mask": None}
+    handles = []
+    for layer, accumulator in zip(original.base_model.layers, equations, strict=True):
+        def capture(module, args, output, accumulator=accumulator):
+            accumulator.add(args[0].detach().cpu(), output.detach().cpu(), current["mask"])
+        handles.append(layer.kernel.register_forward_hook(capture))
+    try:
+        with torch.no_grad(), _evaluation(original):
+            for batch in batches:
+                inputs = next(batch[key] for key in _INPUT_KEYS if key in batch)
+                mask = batch.get("attention_mask")
+                current["mask"] = (torch.ones(inputs.shape[:2], dtype=torch.bool) if mask is None
+                                   else mask.detach().cpu().bool())
+                original(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = []
+    for layer, accumulator in zip(reduced.base_model.layers, equations, strict=True):
+        start = _coefficients(layer.kernel)
+        before = accumulator.residual(start)
+        theta = accumulator.solve(start)
+        after = accumulator.residual(theta)
+        _write_coefficients(layer.kernel, theta)
+        results.append({"error_before": [round(float(value), 7) for value in before],
+                        "error_after": [round(float(value), 7) for value in after],
+                        "mean_error_before": float(before.mean()), "mean_error_after": float(after.mean())})
+    return results

@@ -1,0 +1,146 @@
+"""Streaming with real tensors only, for export (ONNX, torch.export): ONNX, ExecuTorch and
+TFLite have no complex dtypes, so every complex mode x = re + i·im is held as a real pair and
+its update x ← Ā x + B̄ u is the 2×2 rotation-scale
+
+    [re]    [Re Ā  -Im Ā] [re]   [Re B̄]
+    [im] ←  [Im Ā   Re Ā] [im] + [Im B̄] u,        y = Σ_n (Re C_n re_n - Im C_n im_n) + D u.
+
+The module is a frozen snapshot of an eval-mode model: the discretised system is computed once
+(as `streaming_step` computes it, in the SSM compute dtype) and held as buffers. Its forward is
+`(inputs, *states) -> (output, *new_states)`, with the mean-pooling sum and count carried in the
+state, so a runtime only feeds tensors back in.
+
+This file is copied into saved checkpoints (remote code): it imports only torch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class RealStreamingBlock(nn.Module):
+    """One residual DSS block, one position at a time, in real arithmetic."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        kernel = block.kernel
+        self.prenorm = block.prenorm
+        self.norm = copy.deepcopy(block.norm)
+        self.output_linear = copy.deepcopy(block.output_linear)
+        dtype = kernel.compute_dtype()
+        with torch.no_grad():
+            a_bar, input_bar, output_vec, skip = (t.detach() for t in kernel._discretize_for_step())
+        for name, value in (("a", a_bar), ("b", input_bar), ("c", output_vec)):
+            self.register_buffer(f"{name}_re", value.real.to(dtype).contiguous())
+            self.register_buffer(f"{name}_im", value.imag.to(dtype).contiguous())
+        self.register_buffer("d", skip.to(dtype).contiguous())
+
+    def forward(self, hidden_states: torch.Tensor, state: torch.Tensor):
+        """(B, H) input and (B, H, N, 2) state -> ((B, H) output, new state)."""
+        normed = self.norm(hidden_states) if self.prenorm else hidden_states
+        inputs = normed.to(self.d.dtype)
+        column = inputs.unsqueeze(-1)
+        real, imag = state[..., 0], state[..., 1]
+        new_real = self.a_re * real - self.a_im * imag + self.b_re * column
+        new_imag = self.a_im * real + self.a_re * imag + self.b_im * column
+        mixed = (self.c_re * new_real - self.c_im * new_imag).sum(-1) + self.d * inputs
+        mixed = mixed.to(hidden_states.dtype)
+        mixed = nn.functional.glu(self.output_linear(nn.functional.gelu(mixed)), dim=-1)
+        hidden_states = hidden_states + mixed
+        if not self.prenorm:
+            hidden_states = self.norm(hidden_states)
+        return hidden_states, torch.stack((new_real, new_imag), dim=-1)
+
+
+class RealStreamingModule(nn.Module):
+    """Real-arithmetic streaming step of an S4-DSS model (backbone or classifier).
+
+    forward(inputs, *states) -> (output, *new_states), where
+        inputs   (B,) int64 token ids, or (B, input_dim) floats;
+        states   one (B, H, N_l, 2) tensor per layer ((re, im) of every mode), then for a
+                 mean-pooling classifier the running sum (B, H) and count (B, 1) of the outputs;
+        output   (B, num_labels) logits of the prefix read so far (classifier), or the
+                 (B, d_model) hidden state at this position (backbone).
+    Build it with `model.streaming_module()`; `initial_state(batch_size)` gives the zero state.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        config = model.config
+        if config.bidirectional:
+            raise ValueError(
+                "A bidirectional model cannot stream (each output reads the whole sequence): "
+                "it has `bidirectional=True`."
+            )
+        if model.training:
+            raise ValueError("Streaming runs the model as in inference: call `model.eval()` first.")
+        backbone = getattr(model, "s4dss", model)
+        self.is_classifier = backbone is not model
+        self.uses_tokens = bool(config.uses_tokens)
+        self.encoder = copy.deepcopy(backbone.embeddings if self.uses_tokens else backbone.input_proj)
+        self.blocks = nn.ModuleList(RealStreamingBlock(layer) for layer in backbone.layers)
+        self.final_norm = copy.deepcopy(backbone.final_norm)
+        self.classifier = copy.deepcopy(model.classifier) if self.is_classifier else None
+        self.mean_pooling = self.is_classifier and config.pooling == "mean"
+        self.d_model = config.d_model
+        self.input_dim = None if self.uses_tokens else config.input_dim
+        self.d_states = [block.a_re.shape[-1] for block in self.blocks]
+        self.eval()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.int64 if self.uses_tokens else self.encoder.weight.dtype
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.blocks[0].d.dtype
+
+    def state_names(self) -> list[str]:
+        names = [f"ssm_state_{index}" for index in range(len(self.blocks))]
+        return names + (["pooled_sum", "pooled_count"] if self.mean_pooling else [])
+
+    def state_shapes(self, batch_size: int) -> list[tuple[int, ...]]:
+        shapes = [(batch_size, self.d_model, num_modes, 2) for num_modes in self.d_states]
+        return shapes + ([(batch_size, self.d_model), (batch_size, 1)] if self.mean_pooling else [])
+
+    def state_dtypes(self) -> list[torch.dtype]:
+        pooled = [self.encoder.weight.dtype] * 2 if self.mean_pooling else []
+        return [self.state_dtype] * len(self.blocks) + pooled
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        device = self.blocks[0].d.device
+        return tuple(
+            torch.zeros(shape, dtype=dtype, device=device)
+            for shape, dtype in zip(self.state_shapes(batch_size), self.state_dtypes(), strict=True)
+        )
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        """Inputs of one step (zeros) and the zero state: what exporters trace with."""
+        device = self.blocks[0].d.device
+        if self.uses_tokens:
+            inputs = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        else:
+            inputs = torch.zeros(batch_size, self.input_dim, dtype=self.input_dtype, device=device)
+        return (inputs, *self.initial_state(batch_size))
+
+    def forward(self, inputs: torch.Tensor, *states: torch.Tensor):
+        hidden_states = self.encoder(inputs if self.uses_tokens else inputs.to(self.encoder.weight.dtype))
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=False):
+            hidden_states, state = block(hidden_states, state)
+            new_states.append(state)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+        if not self.is_classifier:
+            return (hidden_states, *new_states)
+        if self.mean_pooling:
+            pooled_sum = states[len(self.blocks)] + hidden_states
+            pooled_count = states[len(self.blocks) + 1] + 1
+            new_states += [pooled_sum, pooled_count]
+            hidden_states = pooled_sum / pooled_count
+        return (self.classifier(hidden_states), *new_states)

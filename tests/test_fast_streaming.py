@@ -1,0 +1,155 @@
+"""The cached streaming step (never stale) and the real-arithmetic streaming module."""
+
+import pytest
+import torch
+
+from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, S4DSSModel
+from s4bt_hf.modeling_s4dss import S4DSSStreamingState
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Steps of a tiny model are dispatch-bound: more threads only spin on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stream(model, state, key, inputs):
+    outputs = []
+    for t in range(inputs.shape[1]):
+        output, state = model.streaming_step(state, **{key: inputs[:, t]})
+        outputs.append(output)
+    return torch.stack(outputs, dim=1)
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(input_dim=1, d_model=8, n_layers=2, d_state=[5, 3], norm="batch", prenorm=False)
+    fields.update(overrides)
+    return S4DSSModel(S4DSSConfig(**fields)).eval()
+
+
+def test_step_system_is_cached_between_steps():
+    model = small_model()
+    kernel = model.layers[0].kernel
+    model.init_streaming_state(1)
+    with torch.no_grad():
+        first = kernel.step_system()
+        assert all(a is b for a, b in zip(first, kernel.step_system(), strict=True))
+    # while autograd records for trainable parameters it is computed afresh, with a graph
+    with torch.enable_grad():
+        assert kernel.step_system()[0].requires_grad
+
+
+def test_cache_is_rebuilt_after_an_optimizer_step():
+    model = small_model()
+    inputs = torch.randn(2, 30, 1)
+    zero_state = model.init_streaming_state(2)  # states are never modified: reused after the step
+    with torch.no_grad():
+        before = stream(model, zero_state, "input_values", inputs)  # fills the cache
+    # only the SSM moves, so any change of the outputs has to come through the step system
+    optimizer = torch.optim.Adam([p for layer in model.layers for p in layer.kernel.parameters()], lr=0.5)
+    model(input_values=inputs).last_hidden_state.square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = model(input_values=inputs).last_hidden_state
+        after = stream(model, zero_state, "input_values", inputs)
+    assert (expected - before).abs().max() > 1e-3  # the step changed the model: a stale cache would fail
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_rebuilt_after_load_state_dict_and_dtype_change():
+    model, other = small_model(seed=0), small_model(seed=1)
+    inputs = torch.randn(2, 25, 1)
+    zero_state = model.init_streaming_state(2)
+    with torch.no_grad():
+        stream(model, zero_state, "input_values", inputs)
+        model.load_state_dict(other.state_dict())
+        expected = other(input_values=inputs).last_hidden_state
+        torch.testing.assert_close(stream(model, zero_state, "input_values", inputs), expected, rtol=1e-5, atol=1e-5)
+        model.to(torch.float64)
+        zero64 = S4DSSStreamingState(tuple(s.to(torch.complex128) for s in zero_state.ssm_states))
+        expected64 = model(input_values=inputs.double()).last_hidden_state
+        streamed64 = stream(model, zero64, "input_values", inputs.double())
+    assert model.layers[0].kernel.step_system()[0].dtype == torch.complex128
+    torch.testing.assert_close(streamed64, expected64, rtol=1e-10, atol=1e-10)
+
+
+def test_edit_through_data_is_seen_by_the_next_stream():
+    """`param.data` edits bypass the version counter; a new `init_streaming_state` rebuilds."""
+    model = small_model()
+    inputs = torch.randn(1, 20, 1)
+    with torch.no_grad():
+        stream(model, model.init_streaming_state(1), "input_values", inputs)
+        model.layers[1].kernel.C.data.mul_(-3.0)
+        expected = model(input_values=inputs).last_hidden_state
+        streamed = stream(model, model.init_streaming_state(1), "input_values", inputs)
+    torch.testing.assert_close(streamed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_gradients_equal_forward_gradients():
+    model = small_model(norm="layer", prenorm=True)
+    inputs = torch.randn(2, 12, 1)
+    model(input_values=inputs).last_hidden_state.sum().backward()
+    expected = model.layers[0].kernel.log_A_real.grad.clone()
+    model.zero_grad()
+    stream(model, model.init_streaming_state(2), "input_values", inputs).sum().backward()
+    torch.testing.assert_close(model.layers[0].kernel.log_A_real.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def run_real_module(module, inputs):
+    state = module.initial_state(inputs.shape[0])
+    outputs = []
+    for t in range(inputs.shape[1]):
+        output, *state = module(inputs[:, t], *state)
+        outputs.append(output)
+    return torch.stack(outputs, dim=1), state
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_real_module_equals_streaming_step_over_1000_steps(pooling):
+    torch.manual_seed(3)
+    config = S4DSSConfig(input_dim=2, d_model=8, n_layers=2, d_state=[6, 2], norm="batch", pooling=pooling,
+                         num_labels=3, dt_min=0.001, dt_max=0.01)  # slow modes: the state carries over 1,000 steps
+    model = S4DSSForSequenceClassification(config)
+    inputs = torch.randn(2, 1000, 2)
+    model.train()
+    with torch.no_grad():
+        model(input_values=inputs[:, :50])  # BatchNorm statistics that are not the identity
+    model.eval()
+    module = model.streaming_module()
+    with torch.no_grad():
+        expected = stream(model, model.init_streaming_state(2), "input_values", inputs)
+        real_outputs, real_state = run_real_module(module, inputs)
+    assert all(not t.is_complex() for t in [*module.state_dict().values(), *real_state])
+    assert [tuple(t.shape) for t in real_state] == module.state_shapes(2)
+    assert len(real_state) == 2 + (2 if pooling == "mean" else 0)
+    torch.testing.assert_close(real_outputs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_real_module_of_a_token_backbone_equals_forward():
+    torch.manual_seed(4)
+    model = S4DSSModel(S4DSSConfig(vocab_size=7, d_model=6, n_layers=2, d_state=3)).to(torch.float64).eval()
+    tokens = torch.randint(0, 7, (3, 40))
+    module = model.streaming_module()
+    with torch.no_grad():
+        outputs, state = run_real_module(module, tokens)
+        expected = model(input_ids=tokens).last_hidden_state
+    assert state[0].dtype == torch.float64 and state[0].shape == (3, 6, 3, 2)
+    torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_real_module_is_a_snapshot_and_refuses_what_cannot_stream():
+    model = small_model()
+    module = model.streaming_module()
+    with torch.no_grad():
+        model.layers[0].kernel.C.mul_(2.0)  # the snapshot keeps the parameters it was built from
+    assert not torch.equal(module.blocks[0].c_re, model.layers[0].kernel.step_system()[2].real)
+    with pytest.raises(ValueError, match="eval"):
+        small_model().train().streaming_module()
+    with pytest.raises(ValueError, match="bidirectional"):
+        small_model(bidirectional=True).streaming_module()
+    with pytest.raises(ValueError, match="batch_size"):
+        module.initial_state(0)
