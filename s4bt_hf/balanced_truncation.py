@@ -31,6 +31,38 @@ where G is the transfer function of u ↦ K * u. For one input this also bounds 
 itself: ‖K - K_m‖_ℓ2 (all k >= 0, all output rows) ≤ ‖G - G_m‖_∞ ≤ 2 Σ_{i>m} σ_i, and every
 length-L kernel error is at most that. In continuous time the same bound holds for the
 continuous transfer function (the layer then discretises the reduced system with its Δ).
+
+References:
+    B. C. Moore, "Principal component analysis in linear systems: controllability,
+    observability, and model reduction", IEEE Trans. Automatic Control 26(1), 1981 (balanced
+    truncation). A. J. Laub, M. T. Heath, C. C. Paige, R. C. Ward, "Computation of system
+    balancing transformations and other applications of simultaneous diagonalization
+    algorithms", IEEE Trans. Automatic Control 32(2), 1987, and M. S. Tombs, I. Postlethwaite,
+    "Truncated balanced realization of a stable non-minimal state-space system", Int. J.
+    Control 46(4), 1987 (the square-root method: Cholesky factors of the Gramians and the SVD of
+    their product, no balancing transform inverted). D. F. Enns, "Model reduction with balanced
+    realizations: an error bound and a frequency weighted generalization", IEEE CDC 1984, and
+    K. Glover, "All optimal Hankel-norm approximations of linear multivariable systems and their
+    L∞-error bounds", Int. J. Control 39(6), 1984 (the bound 2 Σ_{i>m} σ_i; Al-Saggaf and
+    Franklin, IEEE TAC 1987, for discrete time).
+
+Example (one channel of 8 discrete modes reduced to 2 complex modes; the ℓ2 error of the
+kernel stays below the a-priori bound):
+
+    >>> import torch
+    >>> from s4bt_hf.balanced_truncation import hankel_singular_values, reduce_to_modes
+    >>> g = torch.Generator().manual_seed(0)
+    >>> modes = torch.polar(0.3 + 0.65 * torch.rand(1, 8, dtype=torch.float64, generator=g),
+    ...                     3 * torch.rand(1, 8, dtype=torch.float64, generator=g))
+    >>> b = torch.ones(1, 8, dtype=torch.complex128)
+    >>> c = torch.randn(1, 1, 8, dtype=torch.complex128, generator=g)
+    >>> sigma = hankel_singular_values(modes, b, c)          # (1, 16): the real 16-state system
+    >>> reduced = reduce_to_modes(modes, b, c, rank=2)       # 2 complex modes hold 4 real states
+    >>> lags = torch.arange(2000, dtype=torch.float64)
+    >>> full = ((c[0, 0] * b[0]).unsqueeze(-1) * modes[0].unsqueeze(-1) ** lags).sum(0).real
+    >>> small = (reduced.residues[0, 0].unsqueeze(-1) * reduced.modes[0].unsqueeze(-1) ** lags).sum(0).real
+    >>> bool(torch.linalg.norm(full - small) <= 2 * sigma[0, 4:].sum())
+    True
 """
 
 from __future__ import annotations

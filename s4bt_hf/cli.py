@@ -217,10 +217,16 @@ def load_model(path: str):
         raise CliError(f"cannot read the configuration in {path}: {error}") from error
     if config.model_type != "s4dss":
         raise CliError(f"{path} holds a {config.model_type!r} model, not an S4-DSS model")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load-report table: we report problems in one line
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     except Exception as error:  # corrupt or truncated weights surface as many error types
         raise CliError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
     if missing:
         names = [name if isinstance(name, str) else name[0] for name in missing]

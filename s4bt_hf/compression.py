@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import numbers
 import time as clock
+from dataclasses import dataclass
 
 import torch
 
@@ -124,7 +125,7 @@ def balanced_truncate_model(model, rank=None, *, tol=None, time: str = DISCRETE,
 def _check_arguments(rank, tol, budget, time, kernel_length, workers, original_states) -> None:
     given = [name for name, value in (("rank", rank), ("tol", tol), ("budget", budget)) if value is not None]
     if len(given) != 1:
-        raise ValueError("reduce: give exactly one of `rank` (modes per channel), `tol` (kept Hankel energy) or "
+        raise ValueError("reduce: give exactly one of `rank` (modes per channel) or `tol` (kept Hankel energy) or "
                          f"`budget` (modes or parameter fraction for the whole model); got {given or 'none'}.")
     if time not in TIME_DOMAINS:
         raise ValueError(f"reduce: `time` must be one of {TIME_DOMAINS}, got {time!r}.")
@@ -229,11 +230,16 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
     has_weight = scale > 0
     input_bar = torch.where(has_weight, scale, torch.ones_like(scale)).to(torch.complex128)
     output_vec = torch.where(has_weight.unsqueeze(-2), residues / input_bar.unsqueeze(-2), torch.zeros_like(residues))
+    unchanged = _unchanged_modes(kernel, bank, result)
+    if unchanged is not None:
+        continuous = torch.where(unchanged.mode, unchanged.original_modes, continuous)
     if time == DISCRETE:
         input_vec = input_bar * continuous / torch.expm1(dt * continuous)  # B̄ = expm1(Δλ)/λ · B
     else:
         input_vec = input_bar
-    continuous, input_vec, output_vec = _keep_unchanged_modes(kernel, bank, result, continuous, input_vec, output_vec)
+    if unchanged is not None:
+        input_vec = torch.where(unchanged.vectors, unchanged.input_vec, input_vec)
+        output_vec = torch.where(unchanged.vectors.unsqueeze(-2), unchanged.output_vec, output_vec)
     with torch.no_grad():
         skip = kernel.D.detach().to("cpu", torch.float64) + result.feedthrough.sum(-1)
     parameters = {
@@ -259,26 +265,33 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
     return parameters, report
 
 
-def _keep_unchanged_modes(kernel, bank: DiagonalSystem, result, continuous, input_vec, output_vec):
-    """A mode a method kept exactly (same discrete/continuous mode as an original one) keeps that
-    mode's continuous parameters (log of a discrete mode is only defined up to 2πi/Δ), and, if its
-    residues are unchanged as well, its original input and output vectors."""
+@dataclass
+class _UnchangedModes:
+    mode: torch.Tensor  # (H, r) bool: the reduced mode is one of the original modes
+    vectors: torch.Tensor  # (H, r) bool: ... and its residues are unchanged too
+    original_modes: torch.Tensor  # (H, r) continuous modes of the matched originals
+    input_vec: torch.Tensor  # (H, r) their input vectors
+    output_vec: torch.Tensor  # (H, p, r) their output vectors
+
+
+def _unchanged_modes(kernel, bank: DiagonalSystem, result) -> _UnchangedModes | None:
+    """The modes a method kept exactly (the same discrete/continuous mode as an original one):
+    they keep that mode's continuous parameters (the log of a discrete mode is only defined up to
+    2πi/Δ), and, where their residues are unchanged as well, its input and output vectors."""
     same_mode = (result.modes.unsqueeze(-1) == bank.modes.unsqueeze(-2)) & ~result.padding.unsqueeze(-1)
     unchanged = same_mode.any(-1)  # (H, r)
     if not unchanged.any():
-        return continuous, input_vec, output_vec
+        return None
     source = same_mode.to(torch.int8).argmax(-1)  # (H, r): index of the original mode
     with torch.no_grad():
         original_modes = kernel.modes(torch.float64).detach().cpu()
         original_input = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64).contiguous())
         original_output = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64).contiguous())
-        original_output = original_output.permute(1, 0, 2)
-    continuous = torch.where(unchanged, original_modes.gather(-1, source), continuous)
     rows = source.unsqueeze(-2).expand_as(result.residues)
     same_residues = unchanged & (result.residues == bank.residues().gather(-1, rows)).all(-2)
-    input_vec = torch.where(same_residues, original_input.gather(-1, source), input_vec)
-    output_vec = torch.where(same_residues.unsqueeze(-2), original_output.gather(-1, rows), output_vec)
-    return continuous, input_vec, output_vec
+    return _UnchangedModes(mode=unchanged, vectors=same_residues, original_modes=original_modes.gather(-1, source),
+                           input_vec=original_input.gather(-1, source),
+                           output_vec=original_output.permute(1, 0, 2).gather(-1, rows))
 
 
 def _report_details(details: dict) -> dict:

@@ -296,10 +296,10 @@ class ExportedStreamingModel:
 
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = 1  # one position per call: threads only add overhead
-            self._session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             self._program = None
         else:
-            self._session = None
+            self.session = None
             self._program = torch.export.load(path).module()
 
     def initial_state(self, batch_size: int) -> list:
@@ -309,7 +309,7 @@ class ExportedStreamingModel:
         for entry in self.inputs[1:]:
             shape = (batch_size, *entry["shape"][1:])
             tensor = torch.zeros(shape, dtype=getattr(torch, entry["dtype"]))
-            states.append(tensor.numpy() if self._session is not None else tensor)
+            states.append(tensor.numpy() if self.session is not None else tensor)
         return states
 
     def _check(self, values) -> int:
@@ -334,10 +334,10 @@ class ExportedStreamingModel:
         """One position: `inputs` and the state list -> (output, new state list)."""
         values = [inputs, *state]
         self._check(values)
-        if self._session is not None:
+        if self.session is not None:
             feed = {entry["name"]: (value.numpy() if isinstance(value, torch.Tensor) else value)
                     for entry, value in zip(self.inputs, values, strict=True)}
-            output, *new_state = self._session.run(None, feed)
+            output, *new_state = self.session.run(None, feed)
         else:
             with torch.no_grad():
                 output, *new_state = self._program(*[torch.as_tensor(value) for value in values])

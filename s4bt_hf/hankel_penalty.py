@@ -30,6 +30,8 @@ NaN/Inf parameters gives a NaN penalty (the training loss then shows it) instead
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .balanced_truncation import (
@@ -98,12 +100,27 @@ def hankel_nuclear_norm(modes: torch.Tensor, residues: torch.Tensor, time: str =
     factor = _differentiable_factor(gramian)
     if residues.shape[-2] == 1:
         product = symmetric_hankel_product(factor, residues[..., 0, :])[0]
-        total = torch.linalg.eigvalsh(product).abs().sum(-1)
+        with _single_threaded_lapack():
+            total = torch.linalg.eigvalsh(product).abs().sum(-1)
     else:
         stacked = torch.cat([factor.mT @ apply_siso_symmetrizer(residues[..., row, :], factor)
                              for row in range(residues.shape[-2])], dim=-2)
-        total = torch.linalg.svdvals(stacked).sum(-1)
+        with _single_threaded_lapack():
+            total = torch.linalg.svdvals(stacked).sum(-1)
     return torch.where(bad, torch.full_like(total, float("nan")), total)
+
+
+@contextlib.contextmanager
+def _single_threaded_lapack():
+    """Batched eigen/singular value decompositions of small matrices run one matrix per call:
+    with several threads, LAPACK's threads wait on each other (measured on 2 busy cores: 10-40x
+    slower than one thread, `bench/bench_hankel_penalty.py`). CPU only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _differentiable_factor(gramian: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,27 @@ def recurrence_step(state: torch.Tensor, inputs: torch.Tensor, a_bar, input_bar,
     return (new_state * output_vec).sum(-1).real, new_state
 
 
+# Cost rule of the causal convolution, measured by bench/bench_edge.py ("convolution_cost").
+# Per output element the chunked recurrence does about T + 4N real multiply-adds (Toeplitz block,
+# chunk-end states, carried readout), the FFT path about log2(2L) butterflies of three transforms;
+# the chunked path is taken when  T + 4N <= FFT_COST_PER_LOG2 · log2(2L).
+CHUNK_MIN = 16
+FFT_COST_PER_LOG2 = 6.0
+
+
+def convolution_chunk(num_modes: int, length: int, force: bool = False) -> int | None:
+    """Chunk size T for `chunked_convolution`, or None when the FFT is expected to be cheaper.
+
+    T is the power of two >= max(CHUNK_MIN, 2N) (the Toeplitz block then costs about what the
+    state matmuls cost), capped at the sequence length rounded up to a power of two.
+    """
+    chunk = max(CHUNK_MIN, 1 << max(0, 2 * num_modes - 1).bit_length())
+    chunk = min(chunk, 1 << max(0, length - 1).bit_length())
+    if force or chunk + 4 * num_modes <= FFT_COST_PER_LOG2 * math.log2(2 * length):
+        return chunk
+    return None
+
+
 def chunked_convolution(inputs: torch.Tensor, log_a_bar: torch.Tensor, weights: torch.Tensor, chunk: int):
     """y = K * u for a causal kernel K_k = Re Σ_n W_n Ā_n^k, by a chunked recurrence whose cost
     grows with N instead of the FFT's log L: O(B·H·L·(T + 4N)) real multiply-adds for chunk T.
@@ -126,8 +147,11 @@ def chunked_convolution(inputs: torch.Tensor, log_a_bar: torch.Tensor, weights: 
     """
     batch, channels, length = inputs.shape
     num_chunks = -(-length // chunk)
-    padded = torch.nn.functional.pad(inputs, (0, num_chunks * chunk - length))  # causal: the tail changes nothing
-    # (H, B*C, T): one large matmul per channel instead of B*H small ones
+    num_modes = log_a_bar.shape[-1]
+    # contiguous (B, H, L) first: a transposed view would reach the matmuls as a strided gather
+    padded = torch.nn.functional.pad(inputs.contiguous(), (0, num_chunks * chunk - length))  # causal: tail is inert
+    # rows ordered (batch, chunk) per channel: one large matmul per channel, and the result maps
+    # back to (B, H, L) as a view
     blocks = padded.reshape(batch, channels, num_chunks, chunk).transpose(0, 1).reshape(channels, -1, chunk)
     offsets = torch.arange(chunk, device=inputs.device, dtype=inputs.dtype)
     powers = complex_exp(log_a_bar.unsqueeze(-1) * offsets)  # Ā^t, (H, N, T)
@@ -136,22 +160,20 @@ def chunked_convolution(inputs: torch.Tensor, log_a_bar: torch.Tensor, weights: 
     lags = torch.arange(chunk, device=inputs.device)
     lag = lags.unsqueeze(0) - lags.unsqueeze(1)  # [j, t] = t - j
     toeplitz = torch.where(lag >= 0, kernel[:, lag.clamp(min=0)], kernel.new_zeros(()))  # (H, j, t)
-    outputs = torch.bmm(blocks, toeplitz)  # (H, B*C, T)
-
+    outputs = torch.bmm(blocks, toeplitz)  # in-chunk part, (H, B*C, T)
     if num_chunks > 1:
-        num_modes = log_a_bar.shape[-1]
-        # chunk-end states from each chunk's own inputs: Σ_j Ā^{T-1-j} u_j
-        to_end = powers.flip(-1).transpose(1, 2)  # (H, T, N): Ā^{T-1-j}
-        local = torch.bmm(blocks, torch.cat((to_end.real, to_end.imag), dim=-1))  # (H, B*C, 2N)
-        local = local.reshape(channels, batch, num_chunks, 2 * num_modes)
-        local = torch.complex(local[..., :num_modes], local[..., num_modes:])
+        # chunk-end states Σ_j Ā^{T-1-j} u_j, as interleaved (re, im) columns that view as complex
+        to_end = torch.view_as_real(powers.flip(-1).transpose(1, 2)).reshape(channels, chunk, 2 * num_modes)
+        local = torch.bmm(blocks, to_end).reshape(channels, batch, num_chunks, num_modes, 2)
+        local = torch.view_as_complex(local)  # (H, B, C, N)
         a_chunk = complex_exp(log_a_bar * chunk).unsqueeze(1)  # Ā^T, (H, 1, N)
         entering = [torch.zeros_like(local[:, :, 0])]
-        for index in range(num_chunks - 1):
-            entering.append(a_chunk * entering[-1] + local[:, :, index])
-        entering = torch.stack(entering, dim=2).reshape(channels, -1, num_modes)  # state entering each chunk
+        for index in range(num_chunks - 1):  # the state entering each chunk
+            entering.append(torch.addcmul(local[:, :, index], a_chunk, entering[-1]))
+        entering = torch.view_as_real(torch.stack(entering, dim=2)).reshape(channels, -1, 2 * num_modes)
         readout = weights.unsqueeze(-1) * powers * complex_exp(log_a_bar).unsqueeze(-1)  # W Ā^{t+1}, (H, N, T)
-        readout = torch.cat((readout.real, -readout.imag), dim=1)  # (H, 2N, T)
-        outputs = torch.baddbmm(outputs, torch.cat((entering.real, entering.imag), dim=-1), readout)
-    outputs = outputs.reshape(channels, batch, num_chunks * chunk)[..., :length]
-    return outputs.transpose(0, 1)
+        # Re(W Ā^{t+1} S) = [Re S, Im S] · [Re, -Im](W Ā^{t+1}), rows interleaved like S's (re, im)
+        readout = torch.view_as_real(torch.conj_physical(readout).transpose(1, 2)).reshape(channels, chunk, -1)
+        outputs = torch.baddbmm(outputs, entering, readout.transpose(1, 2))
+    outputs = outputs.reshape(channels, batch, num_chunks * chunk).transpose(0, 1)  # a view
+    return outputs[..., :length]

@@ -28,6 +28,8 @@ from .configuration_s4dss import S4DSSConfig
 from .hub_s4dss import S4DSSHubMixin
 from .initialization_s4dss import MODE_INITIALIZERS
 from .kernel_s4dss import (
+    chunked_convolution,
+    convolution_chunk,
     fft_convolution,
     real_compute_dtype,
     recurrence_step,
@@ -106,6 +108,23 @@ class S4DSSKernel(nn.Module):
         log_a_bar, input_bar, output_vec = self.discrete_system()
         return vandermonde_kernel(log_a_bar, output_vec * input_bar, length)
 
+    # "auto": the measured cost rule of `convolution_chunk` picks FFT or chunked recurrence per
+    # call; "fft" / "chunked" force one (same outputs, to rounding). Not saved with the model.
+    convolution: str = "auto"
+
+    def convolve(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, H, L) -> (B, H, L): K * u without the D term, by FFT or by chunked recurrence."""
+        length = inputs.shape[-1]
+        if self.convolution not in ("auto", "fft", "chunked"):
+            raise ValueError(f"`convolution` must be 'auto', 'fft' or 'chunked', got {self.convolution!r}.")
+        chunk = None
+        if not self.bidirectional and self.convolution != "fft":
+            chunk = convolution_chunk(self.d_state, length, force=self.convolution == "chunked")
+        if chunk is None:
+            return fft_convolution(inputs, self.convolution_kernel(length))
+        log_a_bar, input_bar, output_vec = self.discrete_system()
+        return chunked_convolution(inputs, log_a_bar, output_vec[0] * input_bar, chunk)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, L, H): y = K * u + D u (two-sided K for a bidirectional layer)."""
         dtype = self.compute_dtype()
@@ -113,8 +132,7 @@ class S4DSSKernel(nn.Module):
             return hidden_states * 0
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             inputs = hidden_states.to(dtype).transpose(1, 2)  # (B, H, L)
-            kernel = self.convolution_kernel(inputs.shape[-1])
-            outputs = fft_convolution(inputs, kernel) + self.D.to(dtype).unsqueeze(-1) * inputs
+            outputs = self.convolve(inputs) + self.D.to(dtype).unsqueeze(-1) * inputs
         return outputs.transpose(1, 2).to(hidden_states.dtype)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:

@@ -100,7 +100,8 @@ def test_run_folder_is_never_overwritten(tmp_path):
     assert all(torch.equal(before[name], final_weights(run)[name]) for name in before)
 
     partial = tmp_path / "partial"
-    partial.mkdir()
+    (partial / "checkpoints" / "step_1").mkdir(parents=True)  # a run that has started: its checkpoint is kept
+    (partial / "checkpoints" / "step_1" / "trainer_progress.json").write_text('{"step": 1}')
     (partial / "run_config.json").write_text(json.dumps(
         {"training": {**json.loads((run / "run_config.json").read_text())["training"], "learning_rate": 0.5},
          "model": tiny_model().config.to_dict()}))

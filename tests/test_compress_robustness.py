@@ -294,7 +294,10 @@ def test_zero_channel(zero):
         with torch.no_grad():
             reduced_kernel = compressed.s4dss.layers[0].kernel.convolution_kernel(64)
         assert torch.equal(reduced_kernel[:, 1], torch.zeros_like(reduced_kernel[:, 1]))
-        assert layer.kernel_norm[1] == 0 and layer.kernel_error[1] == 0 and layer.error_bound[1] == 0
+        # the impulse response is the skip D alone, kept exactly
+        skip = abs(float(kernel.D[1]))
+        assert layer.kernel_norm[1] == pytest.approx(skip, rel=1e-6) and layer.kernel_error[1] == 0
+        assert layer.error_bound[1] == 0 and layer.dc_gain_error[1] == 0
         assert layer.hankel_singular_values[1] == [0.0] * 12, layer.hankel_singular_values[1][:3]
         assert layer.padded_modes[1] == rank and layer.kept_states[1] == 0, (layer.padded_modes, layer.kept_states)
         assert layer.adjusted_modes[1] == 0

@@ -171,6 +171,6 @@ def test_exported_step_checks_inputs_against_the_description(onnx_export):
         runner.step(torch.zeros(2, 2, dtype=torch.float64), state)
     with pytest.raises(ValueError, match="takes 5 tensors"):
         runner.step(torch.zeros(2, 2), state[:2])
+    export_model(classifier(), folder.parent / "z", format="torch")
     with pytest.raises(ValueError, match="int8"):
-        export_model(classifier(), folder.parent / "z", format="torch")
         load_exported(folder.parent / "z", int8=True)

@@ -258,13 +258,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(token_config):
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.zero_grad()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
-    assert model.s4dss.gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.s4dss.layers)
     (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
     torch.testing.assert_close(loss_ckpt, loss_plain)
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], msg=name)
+
+
+def test_the_balanced_truncation_docstring_example_runs():
+    import doctest
+
+    import s4bt_hf.balanced_truncation as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

@@ -31,6 +31,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from ..compression_report import CompressionReport
 from ..hankel_penalty import hankel_penalty
 from ..optimization import ssm_param_groups
+from .accelerate_trainer import NonFiniteLossError
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 # Optimizer kwargs with which `get_optimizer_cls_and_kwargs` says that the optimizer builds its own
@@ -100,6 +101,18 @@ class S4DSSTrainer(Trainer):
         weight = self.hankel_weight * self.hankel_every * getattr(self, "current_gradient_accumulation_steps", 1)
         loss = loss + (weight * penalty).to(loss.dtype)
         return (loss, *result[1:]) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, then a stop at a non-finite loss, before the optimizer applies NaN
+        gradients (one host read per micro-batch)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()} (non-finite); "
+                "the batch may hold NaN/Inf inputs or the model diverged (try a lower learning rate). The weights "
+                "were not updated with it."
+            )
+        return loss
 
     def log(self, logs: dict, start_time=None) -> None:
         """Training logs gain `task_loss` and `hankel_penalty` (means since the last log)."""

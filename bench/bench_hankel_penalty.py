@@ -1,0 +1,91 @@
+"""Benchmark of the Hankel penalty's cost in training (not a test).
+
+Model: the default `make reproduce` model (sMNIST budget "cpu": d_model 32, 2 layers, d_state 64,
+batch 50, sequences of 784 pixels). In ONE process, alternating, `--repeats` times each:
+  * a training step: forward + backward + AdamW step of one batch (the work of one optimizer
+    step of the Accelerate loop without its bookkeeping);
+  * the penalty: `hankel_penalty(model)` forward + backward (what a due step adds).
+The overhead per step is penalty / step (hankel_every = 1) and penalty / (k · step) for
+hankel_every = k (the penalty runs on one step in k). Medians and minima of the repeats are
+reported (other processes only slow a run down; the machine may be shared). Target: <= 30 %
+with hankel_every = 1.
+
+Prints exactly one JSON line to stdout.
+
+    python bench/bench_hankel_penalty.py [--repeats 7] [--threads 2] [--every 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from bench_common import available_cores, log
+
+from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, hankel_penalty, ssm_param_groups
+from s4bt_hf.reproduce import default_budgets
+
+TARGET_PERCENT = 30.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=min(2, available_cores()))
+    parser.add_argument("--every", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    budget = default_budgets("smnist")["cpu"]
+    torch.manual_seed(0)
+    model = S4DSSForSequenceClassification(S4DSSConfig(
+        input_dim=1, num_labels=10, d_model=budget.d_model, n_layers=budget.n_layers, d_state=budget.d_state,
+        norm=budget.norm, prenorm=budget.prenorm, ssm_lr=budget.ssm_lr))
+    optimizer = torch.optim.AdamW(ssm_param_groups(model, budget.learning_rate, budget.weight_decay))
+    inputs = torch.randn(budget.batch_size, 784, 1)
+    labels = torch.randint(0, 10, (budget.batch_size,))
+
+    def training_step():
+        model(input_values=inputs, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def penalty_step():
+        hankel_penalty(model).backward()
+        optimizer.zero_grad()
+
+    def timed(work) -> float:
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+
+    training_step(), penalty_step()  # warm-up: kernels, allocator
+    steps, penalties = [], []
+    for repeat in range(args.repeats):
+        order = (training_step, penalty_step) if repeat % 2 == 0 else (penalty_step, training_step)
+        for work in order:
+            (steps if work is training_step else penalties).append(timed(work))
+        log(f"repeat {repeat + 1}/{args.repeats}: step {steps[-1] * 1e3:.1f} ms, penalty {penalties[-1] * 1e3:.1f} ms")
+    step_median, penalty_median = statistics.median(steps), statistics.median(penalties)
+    step_min, penalty_min = min(steps), min(penalties)
+    overhead = {f"hankel_every_{k}": {"percent_median": round(100 * penalty_median / (k * step_median), 1),
+                                      "percent_min": round(100 * penalty_min / (k * step_min), 1)}
+                for k in args.every}
+    print(json.dumps({
+        "benchmark": "hankel_penalty",
+        "model": {"d_model": budget.d_model, "n_layers": budget.n_layers, "d_state": budget.d_state,
+                  "batch_size": budget.batch_size, "length": 784},
+        "threads": args.threads, "repeats": args.repeats,
+        "step_ms": {"median": round(step_median * 1e3, 2), "min": round(step_min * 1e3, 2)},
+        "penalty_forward_backward_ms": {"median": round(penalty_median * 1e3, 2), "min": round(penalty_min * 1e3, 2)},
+        "overhead": overhead,
+        "target_percent": TARGET_PERCENT,
+        "target_met_every_1": overhead.get("hankel_every_1", {}).get("percent_median", 0) <= TARGET_PERCENT,
+    }))
+
+
+if __name__ == "__main__":
+    main()
