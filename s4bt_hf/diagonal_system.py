@@ -202,7 +202,7 @@ def reduce_in_chunks(reduce_flat, system: DiagonalSystem, workers: int | None = 
     merged = concatenate_reduced(results)
 
     def shaped(value):
-        return value.reshape(*batch_shape, *value.shape[1:])
+        return value.reshape((*batch_shape, *value.shape[1:]))
 
     return ReducedModes(modes=shaped(merged.modes), residues=shaped(merged.residues), padding=shaped(merged.padding),
                         feedthrough=shaped(merged.feedthrough),

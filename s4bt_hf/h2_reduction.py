@@ -10,7 +10,8 @@ Variable projection. For fixed modes μ the error is quadratic in the real coeff
 
 with M and c in closed form from κ (`gramian_kernel`):  M is the real Gram of z = μ^k
 (`real_gram`), c_i = ½ Re S_i and c_{r+i} = -½ Im S_i with S_i = Σ_n w_n κ(μ_i, a_n) + w̄_n κ(μ_i, ā_n),
-and the error at the optimum is  J(μ) = ‖K‖² - cᵀθ.  J(μ) is then minimised over the modes by
+and the error is  J(μ) = ‖K‖² - 2 cᵀθ + θᵀMθ  (θ from M + εI: a small ridge keeps the
+residues bounded where modes nearly coincide).  J(μ) is then minimised over the modes by
 L-BFGS (autograd through the closed forms), with the modes parametrised as
 
     discrete  μ = exp(-exp(ν) + iφ)   (|μ| < 1),      continuous  λ = -exp(ν) + iφ   (Re λ < 0),
@@ -39,9 +40,10 @@ from .diagonal_system import (
     residue_h2_norm_squared,
 )
 
-# Relative ridge on M: repeated or real modes make it singular; the ridge picks the
-# minimum-norm residues there and changes J by far less than the tolerance of any comparison.
-_RIDGE = 1e-12
+# Relative ridge on M. Nearly repeated or nearly real modes make M nearly singular, and the exact
+# least-squares residues then grow without bound (two close modes imitating a double pole, with
+# residues of 1e4 that cancel): the ridge keeps the residues of the size float32 storage holds.
+_RIDGE = 1e-8
 # Squared errors below this fraction of ‖K‖² are at the rounding level of the closed forms.
 _EXACT = 1e-12
 
@@ -58,8 +60,8 @@ def optimal_residues(system: DiagonalSystem, modes: torch.Tensor, active: torch.
     mask = torch.cat([active, active], -1).to(gram.dtype)
     scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(gram.dtype).tiny)
     identity = torch.eye(2 * rank, dtype=gram.dtype, device=gram.device)
-    gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2) + torch.diag_embed(1.0 - mask) \
-        + (_RIDGE * scale)[..., None, None] * identity
+    gram = gram * mask.unsqueeze(-1) * mask.unsqueeze(-2) + torch.diag_embed(1.0 - mask)
+    regularised = gram + (_RIDGE * scale)[..., None, None] * identity
     residues = system.residues()  # (..., p, N)
     cross = (residues.unsqueeze(-2) * gramian_kernel(modes.unsqueeze(-1), system.modes.unsqueeze(-2), time)
              .unsqueeze(-3)).sum(-1)
@@ -67,8 +69,10 @@ def optimal_residues(system: DiagonalSystem, modes: torch.Tensor, active: torch.
                      * gramian_kernel(modes.unsqueeze(-1), system.modes.conj().unsqueeze(-2), time)
                      .unsqueeze(-3)).sum(-1)  # S (..., p, r)
     right_hand = 0.5 * torch.cat([cross.real, -cross.imag], -1) * mask.unsqueeze(-2)  # (..., p, 2r)
-    theta = torch.linalg.solve(gram.unsqueeze(-3), right_hand.unsqueeze(-1)).squeeze(-1)
-    error = residue_h2_norm_squared(system.modes, residues, time) - (right_hand * theta).sum((-2, -1))
+    theta = torch.linalg.solve(regularised.unsqueeze(-3), right_hand.unsqueeze(-1)).squeeze(-1)
+    # the error of these residues, ‖K‖² - 2 cᵀθ + θᵀMθ (with the ridge, θ is not the exact optimum)
+    quadratic = (theta * (gram.unsqueeze(-3) @ theta.unsqueeze(-1)).squeeze(-1)).sum((-2, -1))
+    error = residue_h2_norm_squared(system.modes, residues, time) - 2 * (right_hand * theta).sum((-2, -1)) + quadratic
     return torch.complex(theta[..., :rank], theta[..., rank:]), error
 
 
@@ -102,7 +106,10 @@ def _h2_flat(system: DiagonalSystem, rank: int, max_iterations: int, pad_mode: c
     time = system.time
     active = ~start.padding
     norm = residue_h2_norm_squared(system.modes, system.residues(), time)
-    weight = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    balanced_error = error_h2_norm_squared(system, start.modes, start.residues)
+    # a balanced result already exact to rounding (full order) cannot be improved: keep it
+    exact = balanced_error <= _EXACT * norm
+    weight = torch.where(~exact, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
     log_decay, phase = _parameters_of(torch.where(active, start.modes, 0.5), time)
     log_decay, phase = log_decay.clone().requires_grad_(True), phase.clone().requires_grad_(True)
     best_error = torch.full_like(norm, float("inf"))
@@ -127,7 +134,7 @@ def _h2_flat(system: DiagonalSystem, rank: int, max_iterations: int, pad_mode: c
     optimizer = torch.optim.LBFGS([log_decay, phase], lr=1.0, max_iter=max(max_iterations, 1),
                                   history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-12, tolerance_change=1e-15)
-    if max_iterations > 0 and bool(active.any()) and bool((norm > 0).any()):
+    if max_iterations > 0 and bool(active.any()) and bool((weight > 0).any()):
         optimizer.step(objective)
     else:
         objective()
@@ -135,9 +142,6 @@ def _h2_flat(system: DiagonalSystem, rank: int, max_iterations: int, pad_mode: c
         modes = torch.where(active, best_modes, torch.full_like(best_modes, pad_mode))
         residues, _ = optimal_residues(system, modes, active)
         error = error_h2_norm_squared(system, modes, residues)
-        balanced_error = error_h2_norm_squared(system, start.modes, start.residues)
-        # a balanced result already exact to rounding (full order) cannot be improved: keep it
-        exact = balanced_error <= _EXACT * norm
         fell_back = ~(error <= balanced_error) | ~torch.isfinite(error) | exact
         modes = torch.where(fell_back.unsqueeze(-1), start.modes, modes)
         residues = torch.where(fell_back[:, None, None], start.residues, residues)

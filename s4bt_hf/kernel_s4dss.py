@@ -115,7 +115,7 @@ def recurrence_step(state: torch.Tensor, inputs: torch.Tensor, a_bar, input_bar,
 # Per output element the chunked recurrence does about T + 4N real multiply-adds (Toeplitz block,
 # chunk-end states, carried readout), the FFT path about log2(2L) butterflies of three transforms;
 # the chunked path is taken when  T + 4N <= FFT_COST_PER_LOG2 · log2(2L).
-CHUNK_MIN = 16
+CHUNK_MIN = 32
 FFT_COST_PER_LOG2 = 6.0
 
 
@@ -142,17 +142,24 @@ def chunked_convolution(inputs: torch.Tensor, log_a_bar: torch.Tensor, weights: 
       short scan over the L/T chunks); and the carried part Re Σ_n W_n Ā_n^{t+1} S_{c-1,n}
       (a matmul). The complex matmuls run as real ones on (re, im) blocks. Differentiable.
 
-    Args: inputs u (B, H, L) real, log_a_bar (H, N) complex, weights W (H, N) complex, chunk T >= 1.
-    Returns: (B, H, L) real, equal to `fft_convolution(u, vandermonde_kernel(log Ā, W[None], L))`.
+    Sequence-major, the model's layout: one gather into per-channel blocks on the way in, a view
+    on the way out (the FFT path works on (B, H, L) instead).
+
+    Args: inputs u (B, L, H) real, log_a_bar (H, N) complex, weights W (H, N) complex, chunk T >= 1.
+    Returns: (B, L, H) real (a view), equal to `fft_convolution` of u^T with
+    `vandermonde_kernel(log Ā, W[None], L)`, transposed back.
     """
-    batch, channels, length = inputs.shape
+    batch, length, channels = inputs.shape
     num_chunks = -(-length // chunk)
     num_modes = log_a_bar.shape[-1]
-    # contiguous (B, H, L) first: a transposed view would reach the matmuls as a strided gather
-    padded = torch.nn.functional.pad(inputs.contiguous(), (0, num_chunks * chunk - length))  # causal: tail is inert
+    padded = inputs
+    if num_chunks * chunk != length:  # causal: a zero tail changes no output before it
+        padded = torch.nn.functional.pad(inputs, (0, 0, 0, num_chunks * chunk - length))
     # rows ordered (batch, chunk) per channel: one large matmul per channel, and the result maps
-    # back to (B, H, L) as a view
-    blocks = padded.reshape(batch, channels, num_chunks, chunk).transpose(0, 1).reshape(channels, -1, chunk)
+    # back to (B, L, H) as a view
+    # one 2-D transpose (B*L, H) -> (H, B*L): far faster than a general permute, and bmm would
+    # otherwise gather a strided view again per channel and per matmul
+    blocks = padded.reshape(-1, channels).t().contiguous().reshape(channels, -1, chunk)
     offsets = torch.arange(chunk, device=inputs.device, dtype=inputs.dtype)
     powers = complex_exp(log_a_bar.unsqueeze(-1) * offsets)  # Ā^t, (H, N, T)
 
@@ -174,6 +181,5 @@ def chunked_convolution(inputs: torch.Tensor, log_a_bar: torch.Tensor, weights: 
         readout = weights.unsqueeze(-1) * powers * complex_exp(log_a_bar).unsqueeze(-1)  # W Ā^{t+1}, (H, N, T)
         # Re(W Ā^{t+1} S) = [Re S, Im S] · [Re, -Im](W Ā^{t+1}), rows interleaved like S's (re, im)
         readout = torch.view_as_real(torch.conj_physical(readout).transpose(1, 2)).reshape(channels, chunk, -1)
-        outputs = torch.baddbmm(outputs, entering, readout.transpose(1, 2))
-    outputs = outputs.reshape(channels, batch, num_chunks * chunk).transpose(0, 1)  # a view
-    return outputs[..., :length]
+        outputs = outputs.baddbmm_(entering, readout.transpose(1, 2))  # in place: bmm's backward does not need it
+    return outputs.reshape(channels, batch, num_chunks * chunk).permute(1, 2, 0)[:, :length]

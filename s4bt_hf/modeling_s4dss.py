@@ -113,15 +113,15 @@ class S4DSSKernel(nn.Module):
     convolution: str = "auto"
 
     def convolve(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, H, L) -> (B, H, L): K * u without the D term, by FFT or by chunked recurrence."""
-        length = inputs.shape[-1]
+        """(B, L, H) -> (B, L, H): K * u without the D term, by FFT or by chunked recurrence."""
+        length = inputs.shape[1]
         if self.convolution not in ("auto", "fft", "chunked"):
             raise ValueError(f"`convolution` must be 'auto', 'fft' or 'chunked', got {self.convolution!r}.")
         chunk = None
         if not self.bidirectional and self.convolution != "fft":
             chunk = convolution_chunk(self.d_state, length, force=self.convolution == "chunked")
         if chunk is None:
-            return fft_convolution(inputs, self.convolution_kernel(length))
+            return fft_convolution(inputs.transpose(1, 2), self.convolution_kernel(length)).transpose(1, 2)
         log_a_bar, input_bar, output_vec = self.discrete_system()
         return chunked_convolution(inputs, log_a_bar, output_vec[0] * input_bar, chunk)
 
@@ -131,9 +131,10 @@ class S4DSSKernel(nn.Module):
         if hidden_states.shape[0] == 0:  # the FFT refuses empty batches
             return hidden_states * 0
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            inputs = hidden_states.to(dtype).transpose(1, 2)  # (B, H, L)
-            outputs = self.convolve(inputs) + self.D.to(dtype).unsqueeze(-1) * inputs
-        return outputs.transpose(1, 2).to(hidden_states.dtype)
+            inputs = hidden_states.to(dtype)
+            # the contiguous skip term first: the sum then comes out contiguous in (B, L, H)
+            outputs = self.D.to(dtype) * inputs + self.convolve(inputs)
+        return outputs.to(hidden_states.dtype)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
         # A new stream rebuilds the step system, so even edits the version counters miss

@@ -277,3 +277,14 @@ def test_the_balanced_truncation_docstring_example_runs():
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("task,options,name", [
+    ("listops", {"seed": "a"}, "seed"), ("listops", {"num_train": 2.5}, "num_train"),
+    ("listops", {"min_length": 20.0}, "min_length"), ("smnist", {"seed": "a"}, "seed"),
+])
+def test_task_builders_name_a_wrong_type_at_once(task, options, name):
+    from s4bt_hf.data import load_task
+
+    with pytest.raises(TypeError, match=name):
+        load_task(task, **options)

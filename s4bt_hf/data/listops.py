@@ -34,8 +34,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .arguments import require_int
-
 if TYPE_CHECKING:  # `datasets` (and pyarrow) are imported when a dataset is built; the generator needs numpy only
     import datasets
 
@@ -168,6 +166,15 @@ def evaluate_expression(tokens: Sequence[int] | Sequence[str] | str) -> int:
     if stack or result is None:
         raise ValueError("incomplete ListOps expression")
     return result
+
+
+def require_int(name: str, value, minimum: int | None = None) -> None:
+    """`value` must be an int (numpy ints too, not bool or float) and at least `minimum`. (Defined
+    here, not imported: this module also runs on its own, as a file, with numpy only.)"""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _validate(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:

@@ -21,7 +21,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from .arguments import require_int
+from .listops import require_int
 
 __all__ = [
     "SMNIST_LABEL_NAMES",
