@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s4bt-installed
 
-.PHONY: test lint demo reproduce bench install clean
+.PHONY: test lint demo reproduce reproduce-compression-aware bench install clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,export]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -25,6 +25,12 @@ test: lint
 # The paper's experiment on sMNIST (about 15 minutes on 2 CPU cores); results in runs/reproduce/.
 reproduce: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --output runs/reproduce
+
+# The same experiment plus the compression-aware arms (Hankel-regularised originals truncated without
+# retraining, reduction during training); reuses the finished stages of `make reproduce`; about 50 more
+# epochs of training (estimated 30 min on 2 idle CPU cores; far longer on a shared machine).
+reproduce-compression-aware: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --output runs/reproduce --compression-aware
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py

@@ -7,8 +7,11 @@ batch 50, sequences of 784 pixels). In ONE process, alternating, `--repeats` tim
   * the penalty: `hankel_penalty(model)` forward + backward (what a due step adds).
 The overhead per step is penalty / step (hankel_every = 1) and penalty / (k · step) for
 hankel_every = k (the penalty runs on one step in k). Medians and minima of the repeats are
-reported (other processes only slow a run down; the machine may be shared). Target: <= 30 %
-with hankel_every = 1.
+reported (other processes only slow a run down; the machine may be shared), in wall time and in
+this process's CPU time. The penalty runs on one thread whatever `--threads` says (see
+`hankel_penalty._single_threaded`); the training step uses `--threads`. On an oversubscribed
+machine a multi-threaded step loses more wall time than the single-threaded penalty, so compare
+`--threads 1` too. Target: <= 30 % with hankel_every = 1.
 
 Prints exactly one JSON line to stdout.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -57,10 +61,10 @@ def main() -> None:
         hankel_penalty(model).backward()
         optimizer.zero_grad()
 
-    def timed(work) -> float:
-        started = time.perf_counter()
+    def timed(work) -> tuple[float, float]:
+        started, started_cpu = time.perf_counter(), time.process_time()
         work()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - started_cpu
 
     training_step(), penalty_step()  # warm-up: kernels, allocator
     steps, penalties = [], []
@@ -68,11 +72,14 @@ def main() -> None:
         order = (training_step, penalty_step) if repeat % 2 == 0 else (penalty_step, training_step)
         for work in order:
             (steps if work is training_step else penalties).append(timed(work))
-        log(f"repeat {repeat + 1}/{args.repeats}: step {steps[-1] * 1e3:.1f} ms, penalty {penalties[-1] * 1e3:.1f} ms")
-    step_median, penalty_median = statistics.median(steps), statistics.median(penalties)
-    step_min, penalty_min = min(steps), min(penalties)
+        log(f"repeat {repeat + 1}/{args.repeats}: step {steps[-1][0] * 1e3:.1f} ms, "
+            f"penalty {penalties[-1][0] * 1e3:.1f} ms (wall)")
+    step_median, penalty_median = (statistics.median(wall for wall, _ in runs) for runs in (steps, penalties))
+    step_min, penalty_min = (min(wall for wall, _ in runs) for runs in (steps, penalties))
+    step_cpu, penalty_cpu = (statistics.median(cpu for _, cpu in runs) for runs in (steps, penalties))
     overhead = {f"hankel_every_{k}": {"percent_median": round(100 * penalty_median / (k * step_median), 1),
-                                      "percent_min": round(100 * penalty_min / (k * step_min), 1)}
+                                      "percent_min": round(100 * penalty_min / (k * step_min), 1),
+                                      "percent_cpu_median": round(100 * penalty_cpu / (k * step_cpu), 1)}
                 for k in args.every}
     print(json.dumps({
         "benchmark": "hankel_penalty",
@@ -81,6 +88,8 @@ def main() -> None:
         "threads": args.threads, "repeats": args.repeats,
         "step_ms": {"median": round(step_median * 1e3, 2), "min": round(step_min * 1e3, 2)},
         "penalty_forward_backward_ms": {"median": round(penalty_median * 1e3, 2), "min": round(penalty_min * 1e3, 2)},
+        "cpu_ms_median": {"step": round(step_cpu * 1e3, 2), "penalty": round(penalty_cpu * 1e3, 2)},
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "overhead": overhead,
         "target_percent": TARGET_PERCENT,
         "target_met_every_1": overhead.get("hankel_every_1", {}).get("percent_median", 0) <= TARGET_PERCENT,

@@ -4,7 +4,7 @@
     s4bt compress --model runs/smnist-n64/final --rank 16 --output runs/smnist-r16
     s4bt train    --task smnist --init-from runs/smnist-r16 --output runs/smnist-r16-retrained
     s4bt evaluate --model runs/smnist-r16-retrained/final --task smnist
-    s4bt export   --model runs/smnist-r16-retrained/final --output exported/ [--format onnx|torch] [--int8]
+    s4bt export   --model runs/smnist-r16-retrained/final --output exported/ [--format onnx|torch|executorch]
 
 `train` also runs unchanged under `accelerate launch`. Every command refuses to overwrite an
 existing result and explains bad input in one line (exit status 2).
@@ -13,20 +13,30 @@ existing result and explains bad input in one line (exit status 2).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import re
 import sys
 
 from .cli_types import (
+    method_option,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
+    rank_budget,
     unit_interval_closed,
     unit_interval_open_right,
 )
+from .configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
+from .data import TASK_INFOS
+from .reduction_methods import REDUCTION_METHODS
 
-TASK_NAMES = ("smnist", "psmnist", "listops")
+# Everything task-specific comes from the task registry (`s4bt_hf.data.TASK_INFOS`), read when the
+# parser is built: a registered task gets its name, data options and budgets on the command line.
+TASK_NAMES = tuple(TASK_INFOS)
+_CONFIG_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(S4DSSConfig).parameters.items()}
 
 
 class CliError(Exception):
@@ -51,19 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a new model, or retrain a saved (e.g. compressed) one",
                                 description="Train on a task; the run folder gets run_config.json, metrics.jsonl, "
                                 "checkpoints/ (resumed automatically if the run is interrupted), best/ and final/.")
-    train.add_argument("--task", required=True, choices=TASK_NAMES, help="the task to train on")
+    train.add_argument("--task", required=True, choices=tuple(TASK_INFOS), help="the task to train on")
     train.add_argument("--output", required=True, help="run folder (new, or an interrupted run to resume)")
     train.add_argument("--init-from", help="start from this saved model (e.g. a compressed one) instead of a new one")
     model = train.add_argument_group("model (ignored with --init-from)")
     model.add_argument("--d-model", type=positive_int, default=64, help="channels H (default 64)")
     model.add_argument("--n-layers", type=positive_int, default=4, help="DSS blocks (default 4)")
     model.add_argument("--d-state", type=positive_int, default=64, help="complex modes per channel (default 64)")
-    model.add_argument("--init", default="skew_hippo", choices=("skew_hippo", "s4d_lin", "s4d_inv", "random"))
-    model.add_argument("--norm", default="layer", choices=("layer", "batch"))
+    model.add_argument("--init", default=_CONFIG_DEFAULTS["init"], choices=SSM_INITS)
+    model.add_argument("--norm", default=_CONFIG_DEFAULTS["norm"], choices=NORMS)
     model.add_argument("--postnorm", action="store_true", help="normalise after each block (default: before)")
     model.add_argument("--bidirectional", action="store_true", help="two-sided kernels (no streaming)")
     model.add_argument("--dropout", type=unit_interval_open_right, default=0.0, help="in [0, 1) (default 0)")
-    model.add_argument("--pooling", default="mean", choices=("mean", "last"))
+    model.add_argument("--pooling", default=_CONFIG_DEFAULTS["pooling"], choices=POOLINGS)
     model.add_argument("--ssm-lr", type=nonnegative_float, default=1e-3,
                        help="learning rate of the SSM dynamics (default 1e-3)")
     optim = train.add_argument_group("training")
@@ -92,38 +102,80 @@ def build_parser() -> argparse.ArgumentParser:
     reduce_size = aware.add_mutually_exclusive_group()
     reduce_size.add_argument("--reduce-tol", type=float, help="with --reduce-at: fraction of Hankel energy to keep")
     reduce_size.add_argument("--reduce-rank", type=int, help="with --reduce-at: complex modes per channel to keep")
+    reduce_size.add_argument("--reduce-budget", type=rank_budget,
+                             help="with --reduce-at: model-wide size (total complex modes, or a fraction of the SSM "
+                             "parameters), split between layers")
+    aware.add_argument("--reduce-method", default="balanced_truncation", choices=tuple(REDUCTION_METHODS),
+                       help="with --reduce-at: the reduction method (default balanced_truncation)")
+    aware.add_argument("--reduce-option", action="append", default=[], type=method_option, metavar="NAME=VALUE",
+                       help="with --reduce-at: an option of the method, e.g. match_dc=true; repeatable")
     _add_data_options(train)
 
-    compress = commands.add_parser("compress", help="balanced truncation of a saved model",
-                                   description="Compress every DSS layer of a saved model by balanced truncation; "
-                                   "writes the smaller model, compression_report.json and a model card.")
+    compress = commands.add_parser("compress", help="reduce a saved model (balanced truncation or another method)",
+                                   description="Compress every DSS layer of a saved model by a model-reduction "
+                                   "method (default: balanced truncation); writes the smaller model, "
+                                   "compression_report.json and a model card.")
     compress.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     compress.add_argument("--output", required=True, help="new folder for the compressed model")
+    compress.add_argument("--method", default="balanced_truncation", choices=tuple(REDUCTION_METHODS),
+                          help="reduction method (default balanced_truncation)")
     size = compress.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=positive_int, help="complex modes per channel after compression")
     size.add_argument("--tol", type=unit_interval_closed, help="fraction of Hankel energy to keep, in (0, 1]")
+    size.add_argument("--budget", type=rank_budget,
+                      help="model-wide size, split between layers: total complex modes (an integer) or a fraction "
+                      "of the SSM parameters (a number in (0, 1])")
+    compress.add_argument("--option", action="append", default=[], type=method_option, metavar="NAME=VALUE",
+                          help="an option of the method, e.g. match_dc=true (modal_truncation) or max_iterations=20 "
+                          "(h2); repeatable")
     compress.add_argument("--time", default="discrete", choices=("discrete", "continuous"),
-                          help="balance the discrete-time (default) or continuous-time system of each channel")
+                          help="reduce the discrete-time (default) or continuous-time system of each channel")
+    compress.add_argument("--refit-task", choices=tuple(TASK_INFOS),
+                          help="refit each channel's output map and skip on this task's training inputs")
+    compress.add_argument("--refit-samples", type=positive_int, default=200,
+                          help="training examples for --refit-task (default 200)")
+    _add_data_options(compress)
+
+    compare = commands.add_parser(
+        "compare-reductions", help="accuracy without retraining of every reduction method at every rank",
+        description="Reduce trained originals with every method at every rank, with and without the data-aware "
+        "refit, one rank everywhere and a model-wide budget of the same size; evaluate on the test split without "
+        "retraining; writes results.json, results.md and keep_ratio.png.")
+    sources = compare.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--reproduce", help="a `s4bt reproduce` folder: its pre-trained originals and their data")
+    sources.add_argument("--model", help="folder of one saved S4-DSS model (needs --task)")
+    compare.add_argument("--task", choices=tuple(TASK_INFOS), help="task of --model")
+    compare.add_argument("--ranks", type=positive_int, nargs="+", default=[2, 4, 8, 16])
+    compare.add_argument("--output", required=True, help="new folder for the results")
+    compare.add_argument("--calibration-samples", type=positive_int, default=200,
+                         help="training examples for the refit (default 200)")
+    _add_data_options(compare)
 
     reproduce = commands.add_parser(
         "reproduce", help="the paper's experiment: pre-train, balanced truncation, retrain vs Skew-HiPPO",
         description="Pre-train originals of different quality, compress each to every rank, retrain the compressed "
         "models and train Skew-HiPPO baselines of the same size with the same budget; writes results.json, "
         "results.md, plots and model cards to the output folder. Finished stages are skipped on a re-run.")
-    reproduce.add_argument("--task", default="smnist", choices=TASK_NAMES)
+    reproduce.add_argument("--task", default="smnist", choices=tuple(TASK_INFOS))
     reproduce.add_argument("--output", default="runs/reproduce", help="experiment folder (default runs/reproduce)")
-    reproduce.add_argument("--budget", default="cpu", choices=("cpu", "paper"),
+    reproduce.add_argument("--budget", default="cpu", choices=_budget_names(),
                            help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
     reproduce.add_argument("--ranks", type=positive_int, nargs="+", help="ranks to compress to (default: the budget's)")
     reproduce.add_argument("--equal-total-ranks", type=positive_int, nargs="*",
                            help="ranks that also get a Skew-HiPPO baseline trained as many epochs in total as the BT "
                            "arm (pre-training + main training); default: the budget's (cpu: 16)")
+    reproduce.add_argument("--compression-aware", action="store_true",
+                           help="add the compression-aware arms: Hankel-regularised originals truncated without "
+                           "retraining (λ chosen on the validation split) and reduction during training")
+    reproduce.add_argument("--hankel-weights", type=positive_float, nargs="+", default=[1e-3, 1e-2, 1e-1],
+                           help="with --compression-aware: the λ grid tried on the first seed (default 1e-3 1e-2 1e-1)",
+                           metavar="LAMBDA")
     reproduce.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model on a task split",
                                    description="Print the loss and accuracy of a saved model as JSON.")
     evaluate.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
-    evaluate.add_argument("--task", required=True, choices=TASK_NAMES)
+    evaluate.add_argument("--task", required=True, choices=tuple(TASK_INFOS))
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--output", help="also write the metrics to this JSON file (must not exist)")
@@ -136,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "outputs and state shapes, and the model card. Needs a unidirectional model.")
     export.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     export.add_argument("--output", required=True, help="new folder for the exported files")
-    export.add_argument("--format", default="onnx", choices=("onnx", "torch"),
-                        help="onnx (default; needs the [export] extra) or torch (a torch.export .pt2 program)")
+    export.add_argument("--format", default="onnx", choices=("onnx", "torch", "executorch"),
+                        help="onnx (default; needs the [export] extra), torch (a torch.export .pt2 program) or "
+                        "executorch (a .pte lowered to XNNPACK, batch 1; needs the [executorch] extra)")
     export.add_argument("--int8", action="store_true",
                         help="also write model.int8.onnx: linear layers int8 (dynamic), SSM recurrence float32")
     return parser
@@ -147,13 +200,18 @@ def _add_data_options(parser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the split / generation (default 0)")
     data.add_argument("--train-samples", type=positive_int, help="use only the first N training examples")
-    data.add_argument("--listops-min-length", type=nonnegative_int, default=500,
-                      help="ListOps: length > this (LRA: 500)")
-    data.add_argument("--listops-max-length", type=positive_int, default=2000,
-                      help="ListOps: length < this (LRA: 2000)")
-    data.add_argument("--listops-train", type=positive_int, default=2000, help="ListOps training examples")
-    data.add_argument("--listops-eval", type=positive_int, default=200,
-                      help="ListOps validation and test examples each")
+    for option in _task_options():
+        data.add_argument(option.flag, type=positive_int if option.minimum >= 1 else nonnegative_int,
+                          default=option.default, help=option.help)
+
+
+def _budget_names() -> tuple:
+    return tuple(dict.fromkeys(name for info in TASK_INFOS.values() for name in info.budgets))
+
+
+def _task_options() -> list:
+    """The builder options of every registered task (`TaskInfo.options`), each flag once."""
+    return list({option.flag: option for info in TASK_INFOS.values() for option in info.options}.values())
 
 
 def _fraction_or_step(text: str):
@@ -168,39 +226,52 @@ def _fraction_or_step(text: str):
 
 
 def reduction_schedule(args):
-    """The `ReductionSchedule` of `--reduce-at/--reduce-tol/--reduce-rank`, or None."""
+    """The `ReductionSchedule` of the `--reduce-*` options, or None."""
     from .training import ReductionSchedule
 
+    sizes = (args.reduce_tol, args.reduce_rank, args.reduce_budget)
     if args.reduce_at is None:
-        if args.reduce_tol is not None or args.reduce_rank is not None:
-            raise CliError("--reduce-tol/--reduce-rank need --reduce-at (when to reduce)")
+        if any(size is not None for size in sizes) or args.reduce_option:
+            raise CliError("--reduce-tol/--reduce-rank/--reduce-budget/--reduce-option need --reduce-at (when to "
+                           "reduce)")
         return None
-    if args.reduce_tol is None and args.reduce_rank is None:
-        raise CliError("--reduce-at needs --reduce-tol or --reduce-rank (how much to keep)")
+    if all(size is None for size in sizes):
+        raise CliError("--reduce-at needs --reduce-tol or --reduce-rank or --reduce-budget (how much to keep)")
     try:
-        return ReductionSchedule(at=args.reduce_at, rank=args.reduce_rank, tol=args.reduce_tol)
+        return ReductionSchedule(at=args.reduce_at, rank=args.reduce_rank, tol=args.reduce_tol,
+                                 budget=args.reduce_budget, method=args.reduce_method,
+                                 options=dict(args.reduce_option))
     except (TypeError, ValueError) as error:
         raise CliError(str(error).replace("ReductionSchedule: ", "--reduce-")) from error
 
 
 def load_data(args):
-    from .data import load_task
+    """The task's splits from its builder options on the command line (`TaskInfo.options`)."""
+    from .data import load_task, task_info
 
-    if args.task == "listops":
-        if args.listops_min_length + 1 >= args.listops_max_length:
-            raise CliError(f"--listops-min-length ({args.listops_min_length}) must be at least 2 below "
-                           f"--listops-max-length ({args.listops_max_length}): lengths are kept strictly between them")
-        options = dict(num_train=args.listops_train, num_validation=args.listops_eval, num_test=args.listops_eval,
-                       min_length=args.listops_min_length, max_length=args.listops_max_length, seed=args.data_seed)
-    else:
-        options = dict(seed=args.data_seed)
+    options = {}
+    flags = {}
+    for option in task_info(args.task).options:
+        value = getattr(args, option.flag.lstrip("-").replace("-", "_"))
+        for keyword in option.keywords:
+            options[keyword] = value
+            flags[keyword] = option.flag
+    options["seed"] = args.data_seed
+    flags["seed"] = "--data-seed"
     try:
         splits = load_task(args.task, **options)
     except (TypeError, ValueError, RuntimeError) as error:  # e.g. too few distinct ListOps trees for the lengths
-        raise CliError(f"cannot build the {args.task} data: {error}") from error
+        raise CliError(f"cannot build the {args.task} data: {_with_flags(str(error), flags)}") from error
     if args.train_samples is not None:
         splits["train"] = splits["train"].select(range(min(args.train_samples, len(splits["train"]))))
     return splits.with_format("torch"), options
+
+
+def _with_flags(message: str, flags: dict) -> str:
+    """A builder's error in the user's terms: its keyword names replaced by the command-line flags."""
+    for keyword in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"\b{keyword}\b", flags[keyword], message)
+    return message
 
 
 def load_model(path: str):
@@ -260,7 +331,6 @@ def check_model_fits_task(config, task: str) -> None:
 
 
 def command_train(args) -> dict:
-    from .configuration_s4dss import S4DSSConfig
     from .data import task_info
     from .data.collate import PadCollator
     from .modeling_s4dss import S4DSSForSequenceClassification
@@ -272,11 +342,7 @@ def command_train(args) -> dict:
     else:
         fields = dict(num_labels=info.num_labels, d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state,
                       init=args.init, norm=args.norm, prenorm=not args.postnorm, bidirectional=args.bidirectional,
-                      dropout=args.dropout, pooling=args.pooling, ssm_lr=args.ssm_lr)
-        if info.input_kind == "tokens":
-            fields.update(vocab_size=info.vocab_size, pad_token_id=info.pad_token_id)
-        else:
-            fields.update(input_dim=info.input_dim)
+                      dropout=args.dropout, pooling=args.pooling, ssm_lr=args.ssm_lr, **info.model_inputs())
         import torch
 
         torch.manual_seed(args.seed)  # the new model's initialisation is part of the run
@@ -328,16 +394,72 @@ def command_compress(args) -> dict:
     if os.path.exists(args.output) and os.listdir(args.output):
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the compressed model")
     model = load_model(args.model)
+    calibration = None
+    if args.refit_task is not None:
+        from .compare_reductions import calibration_batches
+        from .data import task_info
+        from .data.collate import PadCollator
+
+        check_model_fits_task(model.config, args.refit_task)
+        args.task = args.refit_task
+        splits, _ = load_data(args)
+        calibration = calibration_batches(splits["train"], args.refit_samples, 50,
+                                          PadCollator(task_info(args.refit_task).pad_token_id or 0))
+    options = dict(args.option)
     try:
-        compressed = model.balanced_truncate(rank=args.rank, tol=args.tol, time=args.time)
+        compressed = model.reduce(args.method, rank=args.rank, tol=args.tol, budget=args.budget, time=args.time,
+                                  calibration_data=calibration, **options)
     except (TypeError, ValueError) as error:
         raise CliError(str(error)) from error
     compressed.save_pretrained(args.output)
     report = compressed.compression_report
-    return {"output": args.output, "d_state": compressed.config.d_state,
+    energies = [layer.layer_kept_energy for layer in report.layers]
+    return {"output": args.output, "method": args.method, "d_state": compressed.config.d_state,
             "ssm_parameters": [report.ssm_parameters_before, report.ssm_parameters_after],
             "total_parameters": [report.total_parameters_before, report.total_parameters_after],
-            "kept_energy": [round(layer.layer_kept_energy, 6) for layer in report.layers]}
+            "kept_energy": [None if energy is None else round(energy, 6) for energy in energies],
+            "max_relative_kernel_error": [round(layer.max_relative_kernel_error, 6) for layer in report.layers]}
+
+
+def command_compare_reductions(args) -> dict:
+    from .compare_reductions import compare_reductions, originals_of_reproduce
+
+    _check_output_folder(args.output)
+    if args.reproduce is not None:
+        if not os.path.isdir(args.reproduce):
+            raise CliError(f"no reproduce folder at {args.reproduce}")
+        try:
+            originals = originals_of_reproduce(args.reproduce)
+        except ValueError as error:
+            raise CliError(str(error)) from error
+    else:
+        if args.task is None:
+            raise CliError("--model needs --task (the task the model was trained on)")
+        model = load_model(args.model)
+        check_model_fits_task(model.config, args.task)
+        _, options = load_data(args)
+        originals = [{"name": os.path.basename(os.path.normpath(args.model)), "model": args.model,
+                      "task": args.task, "data": options, "train_samples": args.train_samples}]
+    for original in originals:
+        config = load_model(original["model"]).config
+        too_large = [rank for rank in args.ranks if rank > min(config.layer_d_states)]
+        if too_large:
+            raise CliError(f"--ranks {too_large} exceed the d_state of {original['model']} "
+                           f"({config.d_state})")
+    try:
+        results = compare_reductions(originals, args.ranks, args.output,
+                                     calibration_samples=args.calibration_samples)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    best = {}
+    for row in results["summary"]:
+        if row["keep_ratio"] is None:
+            continue
+        if row["rank"] not in best or row["keep_ratio"] > best[row["rank"]]["keep_ratio"]:
+            best[row["rank"]] = row
+    return {"output": args.output, "best_keep_ratio": {rank: [row["variant"], row["setting"],
+                                                             round(row["keep_ratio"], 4)]
+                                                      for rank, row in sorted(best.items())}}
 
 
 def command_evaluate(args) -> dict:
@@ -380,26 +502,34 @@ def command_export(args) -> dict:
 
 
 def command_reproduce(args) -> dict:
-    from .reproduce import default_budgets, reproduce, results_table, with_ranks
+    from .reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
 
-    budget = with_ranks(default_budgets(args.task)[args.budget], args.ranks)
+    budgets = default_budgets(args.task)
+    if args.budget not in budgets:
+        raise CliError(f"unknown budget {args.budget!r} for task {args.task}; known: {', '.join(budgets)}")
+    budget = with_ranks(budgets[args.budget], args.ranks)
     if args.equal_total_ranks is not None:
         budget.equal_total_ranks = list(args.equal_total_ranks)
     elif args.ranks is not None:
         budget.equal_total_ranks = [rank for rank in budget.equal_total_ranks if rank in args.ranks]
     try:
+        aware = CompressionAware(hankel_weights=tuple(args.hankel_weights)) if args.compression_aware else None
         results = reproduce(task=args.task, output=args.output, budget=budget, progress=not args.no_progress,
-                            log=lambda message: print(message, file=sys.stderr, flush=True), budget_name=args.budget)
+                            log=lambda message: print(message, file=sys.stderr, flush=True), budget_name=args.budget,
+                            compression_aware=aware)
     except ValueError as error:
         raise CliError(str(error)) from error
     print(results_table(results), file=sys.stderr)
     return {"output": args.output, "results": os.path.join(args.output, "results.json"),
             "bt_beats_baseline_at_ranks": results["claim_bt_beats_baseline_at_ranks"],
             "bt_beats_equal_total_baseline_at_ranks": results["claim_bt_beats_equal_total_baseline_at_ranks"],
-            "pearson_original_vs_bt_retrained": results["pearson_original_vs_bt_retrained_all_ranks"]}
+            "pearson_original_vs_bt_retrained": results["pearson_original_vs_bt_retrained_all_ranks"],
+            "hankel_weight_chosen": results.get("compression_aware", {}).get("hankel_selection", {}).get(
+                "chosen_weight")}
 
 
-COMMANDS = {"train": command_train, "compress": command_compress, "evaluate": command_evaluate,
+COMMANDS = {"train": command_train, "compress": command_compress, "compare-reductions": command_compare_reductions,
+            "evaluate": command_evaluate,
             "reproduce": command_reproduce, "export": command_export}
 
 

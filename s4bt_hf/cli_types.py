@@ -4,6 +4,7 @@ line is parsed, in one line naming the option (argparse adds the option's name).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 
@@ -70,3 +71,28 @@ def unit_interval_closed(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
+
+
+def rank_budget(text: str):
+    """`--budget`: an integer is a total number of complex modes, a number in (0, 1] a fraction
+    of the SSM parameters."""
+    try:
+        return int(text)
+    except ValueError:
+        value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an integer (total modes) or a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def method_option(text: str):
+    """`--option NAME=VALUE` of a reduction method: the value is read as JSON (true, 20, 0.5),
+    else kept as text."""
+    name, separator, value = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return name.strip(), parsed

@@ -1,10 +1,11 @@
 """Export the streaming step of an S4-DSS model for edge runtimes: ONNX (through
-`torch.onnx.export(..., dynamo=True)`, optionally int8) or a `torch.export` program (`.pt2`).
+`torch.onnx.export(..., dynamo=True)`, optionally int8), a `torch.export` program (`.pt2`) or an
+ExecuTorch program lowered to XNNPACK (`.pte`).
 
 What is exported is `model.streaming_module()`: one position per call, real tensors only, the
 state passed in and returned explicitly (see `streaming_real.py`). The output folder holds
 
-    model.onnx | model.pt2    the graph: (inputs, *states) -> (output, *new_states)
+    model.onnx | .pt2 | .pte  the graph: (inputs, *states) -> (output, *new_states)
     model.int8.onnx           with `int8=True`: linear layers int8 (dynamic), SSM recurrence fp32
     export.json               inputs, outputs and states: names, shapes, dtypes; checks; file sizes
     README.md, config.json    the model card and configuration of the exported model
@@ -26,11 +27,12 @@ import warnings
 
 import torch
 
-EXPORT_FORMATS = ("onnx", "torch")
+EXPORT_FORMATS = ("onnx", "torch", "executorch")
 DESCRIPTION_FILE = "export.json"
-GRAPH_FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
+GRAPH_FILES = {"onnx": "model.onnx", "torch": "model.pt2", "executorch": "model.pte"}
 INT8_FILE = "model.int8.onnx"
 EXPORT_EXTRA = 'pip install "s4bt-hf[export]"'
+EXECUTORCH_EXTRA = 'pip install "s4bt-hf[executorch]"'
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 CHECK_STEPS = 32  # steps compared against eager streaming right after export
 
@@ -39,7 +41,7 @@ class ExportDependencyError(ImportError):
     """A package of the `[export]` extra is missing."""
 
 
-def require_export_dependencies(modules=ONNX_MODULES) -> None:
+def require_export_dependencies(modules=ONNX_MODULES, what: str = "ONNX export", extra: str = EXPORT_EXTRA) -> None:
     missing = []
     for name in modules:
         try:
@@ -47,9 +49,7 @@ def require_export_dependencies(modules=ONNX_MODULES) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ExportDependencyError(
-            f"ONNX export needs {', '.join(missing)}: install the export extra with `{EXPORT_EXTRA}`."
-        )
+        raise ExportDependencyError(f"{what} needs {', '.join(missing)}: install it with `{extra}`.")
 
 
 def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False) -> dict:
@@ -58,7 +58,8 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
     Args:
         model: `S4DSSForSequenceClassification` or `S4DSSModel` (a compressed one works the same).
         output_dir: folder to create; refused if it exists and is not empty (nothing is overwritten).
-        format: `"onnx"` or `"torch"` (a `torch.export` program, `.pt2`).
+        format: `"onnx"` (any batch size), `"torch"` (a `torch.export` program, `.pt2`, any batch
+            size) or `"executorch"` (`.pte` lowered to XNNPACK, batch 1; needs the executorch extra).
         int8: also write `model.int8.onnx` (ONNX only): dynamic int8 quantisation of the linear
             layers by onnxruntime; the SSM recurrence stays in float32.
     Returns: the description written to export.json.
@@ -82,6 +83,8 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
     module = model.streaming_module()  # refuses bidirectional models and training mode
     if format == "onnx":
         require_export_dependencies()
+    if format == "executorch":
+        require_export_dependencies(("executorch",), "ExecuTorch export", EXECUTORCH_EXTRA)
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -89,11 +92,13 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
     try:
         graph_path = os.path.join(staging, GRAPH_FILES[format])
         with _quiet_exporter():
+            opset = None
             if format == "onnx":
                 opset = _export_onnx(module, graph_path)
-            else:
-                opset = None
+            elif format == "torch":
                 torch.export.save(_torch_export(module), graph_path)
+            else:
+                _export_executorch(module, graph_path)
             if int8:
                 _quantize_int8(graph_path, os.path.join(staging, INT8_FILE))
         description = describe(model, module, format, int8, opset)
@@ -147,6 +152,17 @@ def _torch_export(module):
     return torch.export.export(module, module.example_inputs(2), dynamic_shapes=_dynamic_batch(module))
 
 
+def _export_executorch(module, path: str) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    # batch 1: a device streams one sequence; static shapes lower fully to XNNPACK
+    program = torch.export.export(module, module.example_inputs(1))
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    with open(path, "wb") as handle:
+        handle.write(lowered.buffer)
+
+
 def _quantize_int8(source: str, target: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -171,9 +187,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def describe(model, module, format: str, int8: bool, opset) -> dict:
     """The export.json description: every input, output and state with shape and dtype."""
     config = model.config
+    batch = 1 if format == "executorch" else "batch"  # ExecuTorch: static shapes
     input_entry = {
         "name": "inputs",
-        "shape": ["batch"] if module.uses_tokens else ["batch", module.input_dim],
+        "shape": [batch] if module.uses_tokens else [batch, module.input_dim],
         "dtype": _dtype_name(module.input_dtype),
         "meaning": "token ids of one position" if module.uses_tokens else "input values of one position",
     }
@@ -182,9 +199,9 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
         meaning = {"pooled_sum": "running sum of the outputs (mean pooling)",
                    "pooled_count": "positions read so far (mean pooling)"}.get(
             name, "SSM state of one layer: (re, im) of every complex mode")
-        states.append({"name": name, "shape": ["batch", *shape[1:]], "dtype": _dtype_name(dtype),
+        states.append({"name": name, "shape": [batch, *shape[1:]], "dtype": _dtype_name(dtype),
                        "initial": "zeros", "meaning": meaning})
-    output_shape = ["batch", config.num_labels] if module.is_classifier else ["batch", config.d_model]
+    output_shape = [batch, config.num_labels] if module.is_classifier else [batch, config.d_model]
     outputs = [{"name": _output_name(module), "shape": output_shape, "dtype": _dtype_name(module.encoder.weight.dtype),
                 "meaning": "logits of the prefix read so far" if module.is_classifier
                 else "hidden state at this position"}]
@@ -203,7 +220,8 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
         "int8_graph": INT8_FILE if int8 else None,
         "int8_scope": "linear layers (MatMul/Gemm) int8 dynamic; SSM recurrence float32" if int8 else None,
         "opset": opset,
-        "call": "(inputs, *states) -> (output, *new_states); every tensor shares the batch size",
+        "call": "(inputs, *states) -> (output, *new_states); every tensor shares the batch size"
+                + (" (1 in this static ExecuTorch program)" if format == "executorch" else ""),
         "inputs": [input_entry, *states],
         "outputs": outputs,
         "model": {
@@ -227,7 +245,7 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
 def _check_against_eager(model, module, folder: str, description: dict) -> dict:
     """Run the exported graph(s) for CHECK_STEPS steps on random inputs next to `streaming_step`."""
     generator = torch.Generator().manual_seed(0)
-    batch = 2
+    batch = 1 if description["format"] == "executorch" else 2
     if module.uses_tokens:
         inputs = torch.randint(0, model.config.vocab_size, (CHECK_STEPS, batch), generator=generator)
     else:
@@ -275,7 +293,8 @@ def _write_card_and_config(model, folder: str, description: dict) -> None:
 
 
 class ExportedStreamingModel:
-    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`.
+    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`,
+    the ExecuTorch runtime for `.pte`.
     Every input is checked against export.json before it reaches the runtime.
 
         runner = load_exported("exported/")            # or load_exported(folder, int8=True)
@@ -290,6 +309,7 @@ class ExportedStreamingModel:
         self.graph = graph
         self.inputs = description["inputs"]
         path = os.path.join(folder, graph)
+        self.session = self._program = self._method = None
         if graph.endswith(".onnx"):
             require_export_dependencies(("onnxruntime",))
             import onnxruntime
@@ -297,9 +317,12 @@ class ExportedStreamingModel:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = 1  # one position per call: threads only add overhead
             self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-            self._program = None
+        elif graph.endswith(".pte"):
+            require_export_dependencies(("executorch",), "Running an ExecuTorch program", EXECUTORCH_EXTRA)
+            from executorch.runtime import Runtime
+
+            self._method = Runtime.get().load_program(path).load_method("forward")
         else:
-            self.session = None
             self._program = torch.export.load(path).module()
 
     def initial_state(self, batch_size: int) -> list:
@@ -322,7 +345,7 @@ class ExportedStreamingModel:
             dtype = str(getattr(value, "dtype", type(value).__name__)).removeprefix("torch.")
             expected = tuple(entry["shape"])
             batch = shape[0] if batch is None and shape else batch
-            wanted = (batch, *expected[1:])
+            wanted = (expected[0] if isinstance(expected[0], int) else batch, *expected[1:])
             if len(shape) != len(expected) or shape != wanted or dtype != entry["dtype"]:
                 raise ValueError(
                     f"`{entry['name']}` must be {entry['dtype']} of shape {expected} with batch {batch} "
@@ -338,6 +361,8 @@ class ExportedStreamingModel:
             feed = {entry["name"]: (value.numpy() if isinstance(value, torch.Tensor) else value)
                     for entry, value in zip(self.inputs, values, strict=True)}
             output, *new_state = self.session.run(None, feed)
+        elif self._method is not None:
+            output, *new_state = self._method.execute([torch.as_tensor(value) for value in values])
         else:
             with torch.no_grad():
                 output, *new_state = self._program(*[torch.as_tensor(value) for value in values])

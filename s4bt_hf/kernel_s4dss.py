@@ -116,7 +116,7 @@ def recurrence_step(state: torch.Tensor, inputs: torch.Tensor, a_bar, input_bar,
 # chunk-end states, carried readout), the FFT path about log2(2L) butterflies of three transforms;
 # the chunked path is taken when  T + 4N <= FFT_COST_PER_LOG2 · log2(2L).
 CHUNK_MIN = 32
-FFT_COST_PER_LOG2 = 6.0
+FFT_COST_PER_LOG2 = 9.0
 
 
 def convolution_chunk(num_modes: int, length: int, force: bool = False) -> int | None:

@@ -113,17 +113,21 @@ class S4DSSKernel(nn.Module):
     convolution: str = "auto"
 
     def convolve(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) -> (B, L, H): K * u without the D term, by FFT or by chunked recurrence."""
+        """(B, L, H) -> (B, L, H): y = K * u + D u, by FFT or by chunked recurrence."""
         length = inputs.shape[1]
         if self.convolution not in ("auto", "fft", "chunked"):
             raise ValueError(f"`convolution` must be 'auto', 'fft' or 'chunked', got {self.convolution!r}.")
         chunk = None
         if not self.bidirectional and self.convolution != "fft":
             chunk = convolution_chunk(self.d_state, length, force=self.convolution == "chunked")
+        skip = self.D.to(inputs.dtype)
         if chunk is None:
-            return fft_convolution(inputs.transpose(1, 2), self.convolution_kernel(length)).transpose(1, 2)
+            transposed = inputs.transpose(1, 2)  # (B, H, L)
+            outputs = fft_convolution(transposed, self.convolution_kernel(length)) + skip.unsqueeze(-1) * transposed
+            return outputs.transpose(1, 2)
         log_a_bar, input_bar, output_vec = self.discrete_system()
-        return chunked_convolution(inputs, log_a_bar, output_vec[0] * input_bar, chunk)
+        # the contiguous skip term first: the sum then comes out contiguous in (B, L, H)
+        return skip * inputs + chunked_convolution(inputs, log_a_bar, output_vec[0] * input_bar, chunk)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, L, H): y = K * u + D u (two-sided K for a bidirectional layer)."""
@@ -131,9 +135,7 @@ class S4DSSKernel(nn.Module):
         if hidden_states.shape[0] == 0:  # the FFT refuses empty batches
             return hidden_states * 0
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            inputs = hidden_states.to(dtype)
-            # the contiguous skip term first: the sum then comes out contiguous in (B, L, H)
-            outputs = self.D.to(dtype) * inputs + self.convolve(inputs)
+            outputs = self.convolve(hidden_states.to(dtype))
         return outputs.to(hidden_states.dtype)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
@@ -155,22 +157,21 @@ class S4DSSKernel(nn.Module):
         """
         parameters = (self.log_dt, self.log_A_real, self.A_imag, self.B, self.C, self.D)
         if torch.is_grad_enabled() and any(parameter.requires_grad for parameter in parameters):
-            return self._discretize_for_step()
+            return self.compute_step_system()
         try:
-            key = tuple(
-                (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in parameters
-            )
+            key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
         except RuntimeError:  # inference tensors (a model built under inference_mode) have no version
-            return self._discretize_for_step()
+            return self.compute_step_system()
         cache = getattr(self, "_step_cache", None)
         if cache is None or cache[0] != key:
             # normal tensors even under inference_mode, so the cache also serves later no-grad calls
             with torch.inference_mode(False), torch.no_grad():
-                cache = (key, self._discretize_for_step())
+                cache = (key, self.compute_step_system())
             self._step_cache = cache
         return cache[1]
 
-    def _discretize_for_step(self):
+    def compute_step_system(self):
+        """`step_system` without the cache (differentiable)."""
         dtype = self.compute_dtype()
         log_a_bar, input_bar, output_vec = self.discrete_system()
         return torch.exp(log_a_bar), input_bar, output_vec[0], self.D.to(dtype)

@@ -8,20 +8,23 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_hsv_decay(rows: list[dict], path: str) -> None:
+def plot_hsv_decay(rows: list[dict], path: str, regularised_rows: list[dict] = ()) -> None:
     """Normalised Hankel singular values (mean over channels, σ_i / σ_1) per layer, one line per
-    original model, log scale."""
+    original model, log scale; Hankel-regularised originals (if any) dashed."""
     layers = len(rows[0]["hsv"])
     figure, axes = plt.subplots(1, layers, figsize=(4.5 * layers, 3.6), squeeze=False)
     seen = set()
-    for row in rows:
-        key = (row["seed"], row["pretrain_epochs"])
-        if key in seen:
-            continue
-        seen.add(key)
-        label = f"seed {key[0]}, {key[1]} epochs ({100 * row['original_test_accuracy']:.1f}%)"
-        for layer, values in enumerate(row["hsv"]):
-            axes[0, layer].semilogy(range(1, len(values) + 1), values, label=label)
+    for style, group in (("-", rows), ("--", regularised_rows)):
+        for row in group:
+            key = (style, row["seed"], row["pretrain_epochs"])
+            if key in seen:
+                continue
+            seen.add(key)
+            label = f"seed {key[1]}, {key[2]} epochs ({100 * row['original_test_accuracy']:.1f}%)"
+            if style == "--":
+                label = f"Hankel λ={row['hankel_weight']:g}, " + label
+            for layer, values in enumerate(row["hsv"]):
+                axes[0, layer].semilogy(range(1, len(values) + 1), values, style, label=label)
     for layer in range(layers):
         axis = axes[0, layer]
         axis.set_title(f"layer {layer}")
@@ -46,6 +49,11 @@ def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
                                ("truncated", "after truncation, no retraining", "x")):
         axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
                       yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
+    if "hankel_reduced" in entries[0]:  # the compression-aware arms
+        for key, label, marker in (("hankel_reduced", "Hankel-regularised, truncated, no retraining", "D"),
+                                   ("reduced_during_training", "reduced during training", "v")):
+            axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
+                          yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
     longer = [entry for entry in entries if entry.get("skew_hippo_equal_total_epochs")]
     if longer:
         axis.errorbar([entry["ssm_parameters"] for entry in longer],
@@ -82,6 +90,29 @@ def plot_original_vs_compressed(results: dict, path: str) -> None:
     axis.set_ylabel("BT + retraining test accuracy (%)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_reduction_comparison(results: dict, path: str) -> None:
+    """Keep ratio (test accuracy without retraining / original accuracy, mean over originals)
+    against the rank, one panel per setting, one line per reduction method."""
+    settings = results["settings"]
+    figure, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
+    for column, setting in enumerate(settings):
+        axis = axes[0, column]
+        for variant in results["variants"]:
+            points = sorted((row["rank"], row["keep_ratio"]) for row in results["summary"]
+                            if row["variant"] == variant and row["setting"] == setting
+                            and row["keep_ratio"] is not None)
+            axis.plot([rank for rank, _ in points], [100 * ratio for _, ratio in points], marker="o", label=variant)
+        axis.set_xscale("log", base=2)
+        axis.set_title(setting)
+        axis.set_xlabel("rank (complex modes per channel)")
+        axis.grid(True, alpha=0.3)
+    axes[0, 0].set_ylabel("accuracy kept without retraining (%)")
+    axes[0, -1].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

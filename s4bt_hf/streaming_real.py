@@ -32,7 +32,7 @@ class RealStreamingBlock(nn.Module):
         self.output_linear = copy.deepcopy(block.output_linear)
         dtype = kernel.compute_dtype()
         with torch.no_grad():
-            a_bar, input_bar, output_vec, skip = (t.detach() for t in kernel._discretize_for_step())
+            a_bar, input_bar, output_vec, skip = (t.detach() for t in kernel.compute_step_system())
         for name, value in (("a", a_bar), ("b", input_bar), ("c", output_vec)):
             self.register_buffer(f"{name}_re", value.real.to(dtype).contiguous())
             self.register_buffer(f"{name}_im", value.imag.to(dtype).contiguous())
@@ -107,7 +107,8 @@ class RealStreamingModule(nn.Module):
         return shapes + ([(batch_size, self.d_model), (batch_size, 1)] if self.mean_pooling else [])
 
     def state_dtypes(self) -> list[torch.dtype]:
-        pooled = [self.encoder.weight.dtype] * 2 if self.mean_pooling else []
+        # the count in the SSM dtype (float32 at least): exact up to 2^24 positions even in a bf16 model
+        pooled = [self.encoder.weight.dtype, self.state_dtype] if self.mean_pooling else []
         return [self.state_dtype] * len(self.blocks) + pooled
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -142,5 +143,5 @@ class RealStreamingModule(nn.Module):
             pooled_sum = states[len(self.blocks)] + hidden_states
             pooled_count = states[len(self.blocks) + 1] + 1
             new_states += [pooled_sum, pooled_count]
-            hidden_states = pooled_sum / pooled_count
+            hidden_states = (pooled_sum / pooled_count).to(pooled_sum.dtype)
         return (self.classifier(hidden_states), *new_states)

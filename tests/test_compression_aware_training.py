@@ -129,6 +129,43 @@ def test_scheduled_reduction_in_the_accelerate_loop(tmp_path):
     assert json.loads((run / "best" / "config.json").read_text())["d_state"] == 2
 
 
+@pytest.mark.parametrize("schedule, method, arguments", [
+    (ReductionSchedule(at=1, method="modal_truncation", rank=2, options={"match_dc": True}),
+     "modal_truncation", {"rank": 2, "match_dc": True}),
+    (ReductionSchedule(at=1, method="singular_perturbation", rank=[3, 2]), "singular_perturbation", {"rank": [3, 2]}),
+    (ReductionSchedule(at=1, budget=18), "balanced_truncation", {"budget": 18}),
+])
+def test_any_reduce_method_and_a_budget_reduce_in_place_like_model_reduce(schedule, method, arguments):
+    model = tiny_model(d_state=4)
+    before_d = [layer.kernel.D.detach().clone() for layer in model.s4dss.layers]
+    kept_d = [layer.kernel.D for layer in model.s4dss.layers]
+    reference = model.reduce(method=method, **arguments)  # a new model; `model` is reduced in place below
+    reduce_during_training(model, schedule, step=1, total_steps=3)
+    assert model.config.layer_d_states == reference.config.layer_d_states
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in reference.state_dict().items())
+    # D keeps its object (and Adam moments) but takes the method's direct term
+    assert all(layer.kernel.D is d for layer, d in zip(model.s4dss.layers, kept_d, strict=True))
+    moved = any(not torch.equal(layer.kernel.D, d) for layer, d in zip(model.s4dss.layers, before_d, strict=True))
+    assert moved == (method != "balanced_truncation")
+    report = model.compression_report
+    assert report.method == method and report.training["schedule"] == schedule.to_dict()
+    if "budget" in arguments:  # 18 modes = 3 per channel, split between the 2 layers by Hankel energy
+        assert sum(model.config.layer_d_states) == 3 and report.budget["budget"] == 18
+
+
+def test_budget_schedule_in_the_accelerate_loop(tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_model(d_state=4), toy_dataset(48, seed=1), None,
+                   config(run, num_epochs=2, reduction=ReductionSchedule(at=0.5, budget=0.5, method="h2",
+                                                                          options={"max_iterations": 3})))
+    assert result.steps == 12
+    saved = json.loads((run / "final" / "config.json").read_text())
+    report = json.loads((run / "final" / "compression_report.json").read_text())
+    assert report["method"] == "h2" and report["training"]["schedule"]["options"] == {"max_iterations": 3}
+    # half of the 2 · 6 · (2 + 4 · 6) SSM parameters, less Δ and D, at 6 · 6 per mode: 3 modes per channel
+    assert sum(saved["d_state"]) == 3 and report["ssm_parameters_after"] <= 0.5 * report["ssm_parameters_before"]
+
+
 def run_child(*args):
     return subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
@@ -183,6 +220,12 @@ def test_bad_options_are_named(changes, match):
     ({"at": 0.1}, "exactly one"), ({"at": 0.1, "rank": 2, "tol": 0.9}, "exactly one"),
     ({"at": 0.1, "tol": 1.2}, "tol"), ({"at": 0.1, "rank": 0}, "rank"), ({"at": 0.1, "rank": 2, "method": "pca"},
                                                                          "method"),
+    ({"at": 0.1, "rank": 2, "budget": 10}, "exactly one"), ({"at": 0.1, "budget": 1.5}, "budget"),
+    ({"at": 0.1, "budget": True}, "budget"), ({"at": 0.1, "budget": 0}, "budget"),
+    ({"at": 0.1, "rank": 2, "options": {"match_dc": True}}, "does not take option"),
+    ({"at": 0.1, "rank": 2, "method": "modal_truncation", "options": {"match_dc": 1}}, "match_dc"),
+    ({"at": 0.1, "rank": 2, "method": "h2", "options": {"max_iterations": -1}}, "max_iterations"),
+    ({"at": 0.1, "rank": 2, "options": [("x", 1)]}, "options"),
 ])
 def test_bad_schedules_are_named(fields, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -193,6 +236,8 @@ def test_bad_schedules_are_named(fields, match):
     (ReductionSchedule(at=7, rank=2), ValueError, "beyond the run's 6"),
     (ReductionSchedule(at=0.5, rank=5), ValueError, "raise layer 0's d_state=4"),
     (ReductionSchedule(at=0.5, rank=[2, 2, 2]), ValueError, "3 values for 2 layers"),
+    (ReductionSchedule(at=0.5, budget=6 * 9), ValueError, "budget"),  # more modes than the model's 2 · 6 · 4
+    (ReductionSchedule(at=0.5, budget=0.01), ValueError, "budget"),  # less than one mode per channel
 ])
 def test_impossible_schedules_fail_before_the_run_folder_exists(tmp_path, schedule, error, match):
     run = tmp_path / "run"
@@ -211,7 +256,10 @@ def test_cli_options_and_their_errors(tmp_path, capsys):
               "--train-samples", "16", "--batch-size", "8", "--max-steps", "2", "--no-progress"]
     for extra, message in ((["--reduce-at", "0.5"], "--reduce-tol or --reduce-rank"),
                            (["--reduce-at", "5", "--reduce-rank", "2"], "beyond the run's 2"),
-                           (["--hankel-weight", "-1"], "hankel_weight")):
+                           (["--hankel-weight", "-1"], "hankel_weight"),
+                           (["--reduce-at", "0.5", "--reduce-rank", "2", "--reduce-option", "foo=1"], "foo"),
+                           (["--reduce-at", "0.5", "--reduce-budget", "400"], "budget"),
+                           (["--reduce-rank", "2"], "need --reduce-at")):
         output = tmp_path / f"bad{len(message)}"
         with pytest.raises(SystemExit) as exit_info:
             cli_main([*common, "--output", str(output), *extra])
@@ -224,6 +272,11 @@ def test_cli_options_and_their_errors(tmp_path, capsys):
     report = json.loads((output / "final" / "compression_report.json").read_text())
     assert report["training"]["step"] == 1 and report["training"]["schedule"]["tol"] == 0.99
     assert any("hankel_penalty" in row for row in records(output))
+    output = tmp_path / "modal"
+    assert cli_main([*common, "--output", str(output), "--reduce-at", "1", "--reduce-rank", "2", "--reduce-method",
+                     "modal_truncation", "--reduce-option", "match_dc=true"]) == 0
+    report = json.loads((output / "final" / "compression_report.json").read_text())
+    assert report["method"] == "modal_truncation" and report["training"]["schedule"]["options"] == {"match_dc": True}
 
 
 # ----------------------------------------------------------------------------- S4DSSTrainer

@@ -87,6 +87,7 @@ def test_torch_export_of_a_compressed_token_backbone_reloads_and_equals_eager(tm
     torch.manual_seed(1)
     model = S4DSSModel(S4DSSConfig(vocab_size=11, d_model=6, n_layers=2, d_state=6)).eval()
     small = model.balanced_truncate(rank=2).eval()
+    (tmp_path / "pt2").mkdir()  # an empty folder is fine: nothing to overwrite
     description = export_model(small, tmp_path / "pt2", format="torch")
     assert description["model"]["compressed"] and description["model"]["d_state"] == [2, 2]
     tokens = torch.randint(0, 11, (300, 3), generator=torch.Generator().manual_seed(2))
@@ -174,3 +175,20 @@ def test_exported_step_checks_inputs_against_the_description(onnx_export):
     export_model(classifier(), folder.parent / "z", format="torch")
     with pytest.raises(ValueError, match="int8"):
         load_exported(folder.parent / "z", int8=True)
+
+
+def test_executorch_export_equals_eager_streaming(tmp_path):
+    pytest.importorskip("executorch", reason="the [executorch] extra is not installed (make test leaves it out)")
+    model = classifier(seed=4)
+    description = export_model(model, tmp_path / "pte", format="executorch")
+    assert description["inputs"][1]["shape"] == [1, 8, 6, 2]  # static batch 1
+    inputs = torch.randn(300, 1, 2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(load_exported(tmp_path / "pte").run(inputs),
+                               eager_stream(model, "input_values", inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_executorch_missing_names_its_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    with pytest.raises(ExportDependencyError, match=r"s4bt-hf\[executorch\]"):
+        export_model(classifier(), tmp_path / "a", format="executorch")
+    assert os.listdir(tmp_path) == []

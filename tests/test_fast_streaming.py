@@ -153,3 +153,94 @@ def test_real_module_is_a_snapshot_and_refuses_what_cannot_stream():
         small_model(bidirectional=True).streaming_module()
     with pytest.raises(ValueError, match="batch_size"):
         module.initial_state(0)
+
+
+# ---------------------------------------------------------------- whole-sequence chunked path
+def random_system(num_channels, num_modes, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    log_a_bar = torch.complex(-0.2 * torch.rand(num_channels, num_modes, generator=generator, dtype=dtype),
+                              torch.randn(num_channels, num_modes, generator=generator, dtype=dtype))
+    weights = torch.randn(num_channels, num_modes, generator=generator, dtype=complex_dtype)
+    return log_a_bar, weights
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 4), (37, 8), (64, 64), (100, 16), (300, 32)])
+def test_chunked_convolution_equals_fft_in_float64(length, chunk):
+    from s4bt_hf.kernel_s4dss import chunked_convolution, fft_convolution, vandermonde_kernel
+
+    log_a_bar, weights = random_system(5, 4, torch.float64, seed=length)
+    inputs = torch.randn(3, length, 5, dtype=torch.float64)
+    expected = fft_convolution(inputs.transpose(1, 2), vandermonde_kernel(log_a_bar, weights[None], length))
+    chunked = chunked_convolution(inputs, log_a_bar, weights, chunk)
+    assert chunked.shape == (3, length, 5)
+    torch.testing.assert_close(chunked, expected.transpose(1, 2), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("norm, prenorm", [("layer", True), ("batch", False)])
+def test_model_forward_is_the_same_through_fft_and_chunked_paths(dtype, tolerance, norm, prenorm):
+    torch.manual_seed(5)
+    model = S4DSSModel(S4DSSConfig(input_dim=2, d_model=8, n_layers=2, d_state=[4, 2], norm=norm,
+                                   prenorm=prenorm)).to(dtype).eval()
+    inputs = torch.randn(3, 150, 2, dtype=dtype)
+    mask = torch.ones(3, 150, dtype=torch.long)
+    mask[1, 120:] = 0
+    outputs = {}
+    for mode in ("fft", "chunked"):
+        for layer in model.layers:
+            layer.kernel.convolution = mode
+        with torch.no_grad():
+            outputs[mode] = model(input_values=inputs, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(outputs["chunked"], outputs["fft"], rtol=tolerance, atol=tolerance)
+
+
+def test_chunked_path_gradients_equal_fft_gradients():
+    torch.manual_seed(6)
+    model = S4DSSForSequenceClassification(S4DSSConfig(input_dim=1, d_model=6, n_layers=2, d_state=3,
+                                                       num_labels=2)).to(torch.float64)
+    inputs, labels = torch.randn(2, 70, 1, dtype=torch.float64), torch.tensor([0, 1])
+    gradients = {}
+    for mode in ("fft", "chunked"):
+        for layer in model.s4dss.layers:
+            layer.kernel.convolution = mode
+        model.zero_grad()
+        model(input_values=inputs, labels=labels).loss.backward()
+        gradients[mode] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, grad in gradients["fft"].items():
+        torch.testing.assert_close(gradients["chunked"][name], grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_cost_rule_picks_chunked_for_small_rank_only_and_never_for_bidirectional(monkeypatch):
+    import s4bt_hf.modeling_s4dss as modeling
+    from s4bt_hf.kernel_s4dss import convolution_chunk
+
+    assert convolution_chunk(8, 4096) is not None and convolution_chunk(64, 4096) is None
+    assert convolution_chunk(2, 784) is not None and convolution_chunk(64, 784) is None
+    assert convolution_chunk(64, 4096, force=True) == 128
+    assert convolution_chunk(1, 5, force=True) == 8  # never longer than the sequence needs
+    calls = []
+    monkeypatch.setattr(modeling, "chunked_convolution",
+                        lambda *args: calls.append(args[-1]) or torch.zeros(args[0].shape))
+    small = S4DSSModel(S4DSSConfig(input_dim=1, d_model=4, n_layers=1, d_state=2)).eval()
+    small(input_values=torch.randn(1, 1000, 1))
+    assert calls == [convolution_chunk(2, 1000)]
+    S4DSSModel(S4DSSConfig(input_dim=1, d_model=4, n_layers=1, d_state=2, bidirectional=True))(
+        input_values=torch.randn(1, 1000, 1))
+    assert len(calls) == 1
+    small.layers[0].kernel.convolution = "fast"
+    with pytest.raises(ValueError, match="convolution"):
+        small(input_values=torch.randn(1, 10, 1))
+
+
+def test_real_module_of_a_bfloat16_classifier_counts_exactly():
+    torch.manual_seed(7)
+    model = S4DSSForSequenceClassification(S4DSSConfig(input_dim=1, d_model=4, n_layers=1, d_state=2,
+                                                       num_labels=2)).to(torch.bfloat16).eval()
+    module = model.streaming_module()
+    inputs = torch.randn(1, 300, 1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        outputs, state = run_real_module(module, inputs)
+        expected = stream(model, model.init_streaming_state(1), "input_values", inputs)
+    assert state[-1].dtype == torch.float32 and float(state[-1]) == 300.0  # bf16 would stop at 256
+    torch.testing.assert_close(outputs, expected, rtol=2e-2, atol=2e-2)

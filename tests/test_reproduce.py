@@ -1,5 +1,6 @@
 """The reproduction pipeline on a tiny budget: every output, the stage cache (a re-run skips
-everything, a changed setting re-runs only what it changes), equal budgets for both arms."""
+everything, a changed setting re-runs only what it changes; the cache keys of existing runs never
+change), equal budgets for both arms, and the compression-aware arms (λ chosen on validation)."""
 
 import json
 import os
@@ -7,7 +8,16 @@ import os
 import numpy as np
 import pytest
 
-from s4bt_hf.reproduce import Budget, default_budgets, pearson, reproduce, results_table
+import s4bt_hf.reproduce as reproduce_module
+from s4bt_hf.reproduce import (
+    Budget,
+    CompressionAware,
+    choose_hankel_weight,
+    default_budgets,
+    pearson,
+    reproduce,
+    results_table,
+)
 
 TINY = Budget(d_model=4, n_layers=1, d_state=4, ranks=[1, 2], originals=[(0, 2), (1, 1)], main_epochs=1,
               batch_size=25, train_samples=50, eval_batch_size=250, equal_total_ranks=[2])
@@ -104,3 +114,123 @@ def test_listops_runs_through_the_same_pipeline(tmp_path):
     assert entry["pearson_original_vs_bt_retrained"] is None  # one original: undefined, not invented
     config = json.loads((tmp_path / "listops" / "models" / "bt_r2" / "config.json").read_text())
     assert config["vocab_size"] == 16 and config["pad_token_id"] == 0 and config["d_state"] == 2
+
+
+# ----------------------------------------------------------------------------- cache keys of existing runs
+
+
+def stage_folders(monkeypatch, task, budget):
+    """The stage folder names `reproduce` uses, without training (stages and data stubbed)."""
+    names = []
+
+    def fake_run(self, name, config, work, log):
+        folder = self.folder(name, config)
+        names.append(os.path.basename(folder))
+        return {"folder": folder, "model": "m", "test_accuracy": 0.5, "validation_accuracy": 0.5, "hsv": [[1.0]],
+                "ssm_parameters": 1, "total_parameters": 2}
+
+    class Splits(dict):
+        def with_format(self, _):
+            return self
+
+    monkeypatch.setattr(reproduce_module.StageCache, "run", fake_run)
+    monkeypatch.setattr(reproduce_module, "load_task", lambda *_, **__: Splits(train=None, validation=None, test=None))
+    monkeypatch.setattr(reproduce_module, "_summarise", lambda *_: {})
+    monkeypatch.setattr(reproduce_module, "_write_outputs", lambda *_: None)
+    reproduce(task, "unused", budget, progress=False, log=lambda _: None)
+    return names
+
+
+def test_stage_cache_keys_of_existing_runs_never_change(monkeypatch):
+    """Folders of `make reproduce` (sMNIST) and the ListOps cpu run as the released code named
+    them: a refactoring that changed a key would silently retrain every cached stage."""
+    smnist = stage_folders(monkeypatch, "smnist", "cpu")
+    for name in ("pretrain-s0-e3-247d96bc7c58", "pretrain-s1-e2-3854bb511151", "pretrain-s2-e1-61dc8e98003a",
+                 "compress-s0-e3-r2-91e248765cf9", "retrain-s1-e2-r2-f95ee80c1f89", "baseline-s2-r2-bcf2a034c9c5",
+                 "compress-s0-e3-r16-f4134a66d919", "retrain-s0-e3-r16-11799d9bfe0a",
+                 "baseline-s0-e4-r16-e058b4b79fa1"):
+        assert name in smnist, name
+    assert len(smnist) == 3 + 3 * 4 * 2 + 3 * 4 + 3
+    listops = stage_folders(monkeypatch, "listops", "cpu")
+    for name in ("pretrain-s0-e4-f2df0110d177", "pretrain-s2-e1-60aee4b994fe", "baseline-s1-e4-r16-c5da72c2a3bd"):
+        assert name in listops, name
+
+
+# ----------------------------------------------------------------------------- compression-aware arms
+
+
+def test_hankel_weight_is_chosen_on_validation_only():
+    def grid(*entries):
+        return [{"weight": w, "original_validation_accuracy": o, "reduced_validation_accuracy": r}
+                for w, o, r in entries]
+
+    # the best reduction among originals within 1 point of the reference (0.80); λ = 1 is out
+    entries = grid((1e-3, 0.80, 0.50), (1e-2, 0.795, 0.70), (1.0, 0.70, 0.75))
+    assert choose_hankel_weight(entries, 0.80, 0.01) == 1e-2
+    assert [entry["eligible"] for entry in entries] == [True, True, False]
+    # none within the tolerance: the λ of the best original; ties go to the smaller λ
+    assert choose_hankel_weight(grid((1e-3, 0.6, 0.1), (1e-2, 0.7, 0.0)), 0.9, 0.01) == 1e-2
+    assert choose_hankel_weight(grid((1e-1, 0.8, 0.5), (1e-2, 0.8, 0.5)), 0.8, 0.0) == 1e-2
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"hankel_weights": ()}, "hankel_weights"), ({"hankel_weights": (0.1, -1.0)}, "hankel_weights"),
+    ({"hankel_weights": (float("nan"),)}, "hankel_weights"), ({"hankel_every": 0}, "hankel_every"),
+    ({"reduce_at": 1.0}, "reduce_at"), ({"tolerance": -0.1}, "tolerance"),
+])
+def test_bad_compression_aware_settings(fields, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionAware(**fields)
+
+
+def test_compression_aware_arms_reuse_the_cached_originals(experiment):
+    output, results, _ = experiment
+    messages = []
+    settings = CompressionAware(hankel_weights=(1e-3, 1.0), hankel_every=1)
+    aware = reproduce("smnist", str(output), TINY, progress=False, log=messages.append, compression_aware=settings)
+    # the existing arms are read back, never retrained
+    existing = [message for message in messages if message.split("-")[0] in ("pretrain", "compress", "retrain",
+                                                                            "baseline")]
+    assert len(existing) == 16 and all(message.endswith("done before, skipped") for message in existing)
+    assert aware["per_rank"][0]["bt_retrained"] == results["per_rank"][0]["bt_retrained"]
+    stages = {name.rsplit("-", 1)[0]: name for name in os.listdir(output / "stages")}
+    configs = {key: json.loads((output / "stages" / name / "stage_config.json").read_text())
+               for key, name in stages.items()}
+    selection = aware["compression_aware"]["hankel_selection"]
+    chosen = selection["chosen_weight"]
+    assert selection["rank"] == 2 and chosen in (1e-3, 1.0) and len(selection["grid"]) == 2
+    # the choice saw validation numbers only: each grid entry is its stages' validation accuracy
+    for entry in selection["grid"]:
+        weight = f"{entry['weight']:g}"
+        reduced = json.loads((output / "stages" / stages[f"hankel-reduce-s0-e2-w{weight}-r2"] / "result.json")
+                             .read_text())
+        original = json.loads((output / "stages" / stages[f"hankel-pretrain-s0-e2-w{weight}"] / "result.json")
+                              .read_text())
+        assert entry["reduced_validation_accuracy"] == reduced["validation_accuracy"]
+        assert entry["original_validation_accuracy"] == original["validation_accuracy"]
+    # the regularised originals: the originals' seeds, epochs and recipe, plus the penalty
+    for seed, epochs in TINY.originals:
+        plain = configs[f"pretrain-s{seed}-e{epochs}"]
+        regularised = configs[f"hankel-pretrain-s{seed}-e{epochs}-w{chosen:g}"]
+        assert {k: v for k, v in regularised.items() if not k.startswith("hankel")} == plain
+        assert (regularised["hankel_weight"], regularised["hankel_every"]) == (chosen, 1)
+        # reduction during training: as many epochs as pre-training + main training, to every rank
+        for rank in TINY.ranks:
+            during = configs[f"reduce-during-s{seed}-e{epochs + 1}-r{rank}"]
+            assert during["recipe"] == plain["recipe"] and during["reduction"]["rank"] == rank
+            best = output / "stages" / stages[f"reduce-during-s{seed}-e{epochs + 1}-r{rank}"] / "run" / "best"
+            assert json.loads((best / "config.json").read_text())["d_state"] == rank
+    runs = aware["compression_aware"]["hankel_runs"]
+    assert len(runs) == 4 and len(aware["compression_aware"]["in_training_runs"]) == 4
+    for row in runs:
+        assert row["keep_ratio"] == pytest.approx(row["reduced_test_accuracy"] / row["original_test_accuracy"])
+    for entry in aware["per_rank"]:
+        for arm in ("hankel_original", "hankel_reduced", "reduced_during_training"):
+            assert entry[arm]["n"] == 2 and 0 <= entry[arm]["mean"] <= 1
+    table = (output / "results.md").read_text()
+    assert "Compression-aware arms" in table and f"λ = {chosen:g}" in table and "validation split of seed 0" in table
+    assert json.loads((output / "results.json").read_text())["compression_aware"]["hankel_selection"] == selection
+    # a re-run skips every stage
+    again = []
+    reproduce("smnist", str(output), TINY, progress=False, log=again.append, compression_aware=settings)
+    assert all(message.endswith("skipped") for message in again if not message.startswith("hankel weight chosen"))

@@ -13,18 +13,19 @@ by :class:`PadCollator`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import datasets
 
 from .collate import PadCollator
 from .listops import (
+    LISTOPS_BUDGETS,
     LISTOPS_NUM_LABELS,
+    LISTOPS_OPTIONS,
     LISTOPS_PAD_ID,
     LISTOPS_VOCAB,
     LISTOPS_VOCAB_SIZE,
     LRA_LISTOPS_SPLITS,
+    describe_listops,
     evaluate_expression,
     generate_listops_trees,
     listops,
@@ -32,14 +33,17 @@ from .listops import (
     tokens_to_text,
 )
 from .smnist import (
+    SMNIST_BUDGETS,
     SMNIST_NUM_LABELS,
     SMNIST_SEQUENCE_LENGTH,
+    describe_mnist,
     load_mnist_digits,
     pixel_permutation,
     psmnist,
     smnist,
     smnist_normalization,
 )
+from .task_info import InputKind, TaskInfo, TaskOption
 
 __all__ = [
     "LISTOPS_NUM_LABELS",
@@ -53,6 +57,7 @@ __all__ = [
     "TASK_INFOS",
     "PadCollator",
     "TaskInfo",
+    "TaskOption",
     "evaluate_expression",
     "generate_listops_trees",
     "listops",
@@ -68,51 +73,32 @@ __all__ = [
     "tokens_to_text",
 ]
 
-InputKind = Literal["values", "tokens"]
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What a trainer needs to configure a model for a task.
-
-    ``input_kind`` is ``"values"`` (the model reads ``input_values`` of shape ``(B, L, input_dim)``) or
-    ``"tokens"`` (``input_ids`` with a vocabulary of ``vocab_size`` and padding id ``pad_token_id``).
-    """
-
-    name: str
-    input_kind: InputKind
-    num_labels: int
-    input_dim: int | None = None
-    vocab_size: int | None = None
-    pad_token_id: int | None = None
-
-
-#: Task name -> builder returning a ``DatasetDict`` (keyword options as in the builder's signature).
-TASKS: dict[str, Callable[..., datasets.DatasetDict]] = {
-    "smnist": smnist,
-    "psmnist": psmnist,
-    "listops": listops,
-}
-
-#: Task name -> :class:`TaskInfo`.
+#: The task registry: task name -> :class:`TaskInfo` (builder, model inputs, command-line options,
+#: description, `s4bt reproduce` budgets). Every entry point (the CLI, `reproduce`) reads it.
 TASK_INFOS: dict[str, TaskInfo] = {
-    "smnist": TaskInfo("smnist", "values", SMNIST_NUM_LABELS, input_dim=1),
-    "psmnist": TaskInfo("psmnist", "values", SMNIST_NUM_LABELS, input_dim=1),
+    "smnist": TaskInfo("smnist", "values", SMNIST_NUM_LABELS, input_dim=1, builder=smnist,
+                       describe=describe_mnist(permuted=False), budgets=SMNIST_BUDGETS),
+    "psmnist": TaskInfo("psmnist", "values", SMNIST_NUM_LABELS, input_dim=1, builder=psmnist,
+                        describe=describe_mnist(permuted=True), budgets=SMNIST_BUDGETS),
     "listops": TaskInfo(
-        "listops", "tokens", LISTOPS_NUM_LABELS, vocab_size=LISTOPS_VOCAB_SIZE, pad_token_id=LISTOPS_PAD_ID
+        "listops", "tokens", LISTOPS_NUM_LABELS, vocab_size=LISTOPS_VOCAB_SIZE, pad_token_id=LISTOPS_PAD_ID,
+        builder=listops, options=LISTOPS_OPTIONS, describe=describe_listops, budgets=LISTOPS_BUDGETS,
     ),
 }
 
+#: Task name -> builder returning a ``DatasetDict`` (keyword options as in the builder's signature).
+TASKS: dict[str, Callable[..., datasets.DatasetDict]] = {name: info.builder for name, info in TASK_INFOS.items()}
+
 
 def _check_task(name: str) -> str:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    if name not in TASK_INFOS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASK_INFOS))}")
     return name
 
 
 def load_task(name: str, **options) -> datasets.DatasetDict:
-    """Build the ``DatasetDict`` of task ``name`` (one of ``TASKS``), passing ``options`` to its builder."""
-    return TASKS[_check_task(name)](**options)
+    """Build the ``DatasetDict`` of task ``name`` (one of ``TASK_INFOS``), passing ``options`` to its builder."""
+    return TASK_INFOS[_check_task(name)].builder(**options)
 
 
 def task_info(name: str) -> TaskInfo:

@@ -34,16 +34,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .task_info import TaskOption
+
 if TYPE_CHECKING:  # `datasets` (and pyarrow) are imported when a dataset is built; the generator needs numpy only
     import datasets
 
 __all__ = [
+    "LISTOPS_BUDGETS",
     "LISTOPS_CLOSE_ID",
     "LISTOPS_DIGIT_IDS",
     "LISTOPS_ID_TO_TOKEN",
     "LISTOPS_LABEL_NAMES",
     "LISTOPS_NUM_LABELS",
     "LISTOPS_OPERATOR_IDS",
+    "LISTOPS_OPTIONS",
     "LISTOPS_PAD_ID",
     "LISTOPS_PAD_TOKEN",
     "LISTOPS_TOKEN_TO_ID",
@@ -51,6 +55,7 @@ __all__ = [
     "LISTOPS_VOCAB_SIZE",
     "LRA_LISTOPS_SPLITS",
     "OPERATOR_PROBABILITY",
+    "describe_listops",
     "evaluate_expression",
     "generate_listops_trees",
     "listops",
@@ -359,3 +364,33 @@ def listops(
         splits[split] = _to_dataset(trees[start : start + count], info)
         start += count
     return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------- registry facts
+
+#: Command-line options of `listops` (`s4bt train/evaluate/compress ... --task listops`).
+LISTOPS_OPTIONS = (
+    TaskOption("--listops-min-length", ("min_length",), 500, "ListOps: length > this (LRA: 500)"),
+    TaskOption("--listops-max-length", ("max_length",), 2000, "ListOps: length < this (LRA: 2000)", minimum=1),
+    TaskOption("--listops-train", ("num_train",), 2000, "ListOps training examples", minimum=1),
+    TaskOption("--listops-eval", ("num_validation", "num_test"), 200, "ListOps validation and test examples each",
+               minimum=1),
+)
+
+#: `s4bt reproduce --task listops` budgets (fields of `reproduce.Budget`). cpu: a few minutes on 2 CPU
+#: cores; paper: the DSS paper's ListOps settings (6 x 128, BatchNorm, full LRA lengths and sizes).
+LISTOPS_BUDGETS = {
+    "cpu": dict(d_model=32, n_layers=2, d_state=32, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
+                originals=[(0, 4), (1, 2), (2, 1)], main_epochs=2, batch_size=50, norm="batch", prenorm=False,
+                data={"num_train": 2000, "num_validation": 200, "num_test": 200, "min_length": 20,
+                      "max_length": 200}),
+    "paper": dict(d_model=128, n_layers=6, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
+                  originals=[(0, 50), (1, 25), (2, 10)], main_epochs=50, batch_size=50, norm="batch", prenorm=False,
+                  data={"num_train": 96_000, "num_validation": 2_000, "num_test": 2_000, "min_length": 500,
+                        "max_length": 2000}, mixed_precision="bf16"),
+}
+
+
+def describe_listops(options: dict) -> str:
+    """One sentence on the data, for model cards."""
+    return f"Long Range Arena ListOps generated locally ({options})"

