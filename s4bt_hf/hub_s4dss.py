@@ -95,7 +95,9 @@ class S4DSSHubMixin:
         """`PreTrainedModel.from_pretrained`, plus the compression report of a compressed
         checkpoint (`compression_report.json`, from a folder or a Hub repo). A report that cannot
         be read is reported in a warning naming the file; the model still loads, without it."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # `output_loading_info=True` returns (model, info)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         hub_options = {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
         report_path = cached_file(str(pretrained_model_name_or_path), REPORT_FILE,
                                   _raise_exceptions_for_missing_entries=False,
@@ -109,4 +111,4 @@ class S4DSSHubMixin:
                     "loaded without its compression report (`compression_report` is None).",
                     stacklevel=2,
                 )
-        return model
+        return loaded

@@ -121,27 +121,29 @@ class _NormalEquations:
     def __init__(self, kernel):
         self.kernel = kernel
         self.gram = self.cross = self.energy = None
-        self.responses, self.length = None, None
+        self.spectra, self.length = None, None
 
     def add(self, inputs: torch.Tensor, outputs: torch.Tensor, mask: torch.Tensor) -> None:
         """inputs, outputs (B, L, H); mask (B, L) bool of valid positions."""
         length = inputs.shape[1]
         if self.length != length:
-            self.responses, self.length = mode_responses(self.kernel, length), length
-        spectra = torch.fft.rfft(self.responses, n=2 * length)  # (c, 2r, H, L+1)
-        for sample in range(inputs.shape[0]):
-            valid = mask[sample]
-            if not valid.any():
-                continue
-            signal = inputs[sample].T.to(torch.float64)  # (H, L)
-            signal = torch.where(valid, signal, 0.0)
-            convolved = torch.fft.irfft(spectra * torch.fft.rfft(signal, n=2 * length), n=2 * length)[..., :length]
-            features = torch.cat([convolved.flatten(0, 1), signal.unsqueeze(0)], 0)[..., valid]  # (P, H, n)
-            features = features.permute(1, 2, 0)  # (H, n, P)
-            target = outputs[sample].T.to(torch.float64)[..., valid]  # (H, n)
-            gram = features.mT @ features
-            cross = (features.mT @ target.unsqueeze(-1)).squeeze(-1)
-            energy = target.square().sum(-1)
+            responses = mode_responses(self.kernel, length)
+            self.spectra, self.length = torch.fft.rfft(responses, n=2 * length).flatten(0, 1), length  # (P-1, H, F)
+        valid = mask.to(torch.float64).unsqueeze(1)  # (B, 1, L)
+        signal = inputs.transpose(1, 2).to(torch.float64) * valid  # (B, H, L), padded positions zeroed
+        target = outputs.transpose(1, 2).to(torch.float64) * valid
+        count = self.spectra.shape[0] + 1
+        # sequences at a time so that the responses (b, P, H, L) stay below ~2e7 numbers
+        step = max(1, int(2e7 // (count * signal.shape[1] * length)))
+        for start in range(0, signal.shape[0], step):
+            chunk, goal, weight = signal[start:start + step], target[start:start + step], valid[start:start + step]
+            convolved = torch.fft.irfft(self.spectra * torch.fft.rfft(chunk, n=2 * length).unsqueeze(1),
+                                        n=2 * length)[..., :length]
+            features = torch.cat([convolved * weight.unsqueeze(1), chunk.unsqueeze(1)], 1)  # (b, P, H, L)
+            features = features.permute(2, 1, 0, 3).reshape(features.shape[2], count, -1)  # (H, P, b·L)
+            gram = features @ features.mT
+            cross = (features @ goal.transpose(0, 1).reshape(goal.shape[1], -1, 1)).squeeze(-1)
+            energy = goal.square().sum((0, 2))
             if self.gram is None:
                 self.gram, self.cross, self.energy = gram, cross, energy
             else:
