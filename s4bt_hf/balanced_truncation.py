@@ -406,14 +406,20 @@ def _truncate_flat(system: DiagonalSystem, rank: int, pad_mode: complex) -> Redu
         residues=residues,
         padding=padding,
         feedthrough=sigma.new_zeros((count, output_vec.shape[-2])),
-        details={
-            "hankel_singular_values": sigma,
-            "kept_states": kept,
-            "error_bound": error_bound(sigma, kept),
-            "cholesky_shift": shift,
-            "eigenvector_condition": condition,
-        },
+        details=balanced_details(sigma, kept, shift, condition),
     )
+
+
+def balanced_details(sigma, kept, shift, condition) -> dict:
+    """The per-system details of the balanced methods: σ, the real states kept, the a-priori
+    bound 2 Σ_{i>m} σ_i, the Cholesky shift and the re-diagonalisation's condition number."""
+    return {
+        "hankel_singular_values": sigma,
+        "kept_states": kept,
+        "error_bound": error_bound(sigma, kept),
+        "cholesky_shift": shift,
+        "eigenvector_condition": condition,
+    }
 
 
 def hankel_singular_values(modes, input_vec, output_vec, time: str = DISCRETE) -> torch.Tensor:

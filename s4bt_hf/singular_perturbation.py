@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 
 from .balanced_truncation import (
+    balanced_details,
     balancing_factors,
     diagonalize,
-    error_bound,
     fold_conjugate_pairs,
     modes_needed,
     numerical_rank,
@@ -120,22 +120,9 @@ def _residualize_flat(system: DiagonalSystem, rank: int, pad_mode: complex) -> R
             moved = torch.where(lag0[..., 0], original_lag0[done] - layer_residues.sum(-1).real, 0.0)
             feedthrough[done] = direct + moved
             reduced_modes[done], residues[done], padding[done] = fold_conjugate_pairs(
-                eigenvalues, layer_residues, rank, pad_mode
-            )
-            condition[done] = cond[fits]
-            pending[done] = False
+                eigenvalues, layer_residues, rank, pad_mode)
+            condition[done], pending[done] = cond[fits], False
             kept[select[~fits]] -= 1  # one real pole too many: keep one state less
     # systems with nothing above rounding level keep nothing and gain no direct term
-    return ReducedModes(
-        modes=reduced_modes,
-        residues=residues,
-        padding=padding,
-        feedthrough=feedthrough,
-        details={
-            "hankel_singular_values": sigma,
-            "kept_states": kept,
-            "error_bound": error_bound(sigma, kept),
-            "cholesky_shift": shift,
-            "eigenvector_condition": condition,
-        },
-    )
+    return ReducedModes(modes=reduced_modes, residues=residues, padding=padding, feedthrough=feedthrough,
+                        details=balanced_details(sigma, kept, shift, condition))

@@ -34,8 +34,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .task_info import TaskOption
-
 if TYPE_CHECKING:  # `datasets` (and pyarrow) are imported when a dataset is built; the generator needs numpy only
     import datasets
 
@@ -368,13 +366,15 @@ def listops(
 
 # ---------------------------------------------------------------------------------------- registry facts
 
-#: Command-line options of `listops` (`s4bt train/evaluate/compress ... --task listops`).
+#: Command-line options of `listops` (`s4bt train/evaluate/compress ... --task listops`), as fields of
+#: `TaskOption` (plain values: this module loads standalone, with numpy only).
 LISTOPS_OPTIONS = (
-    TaskOption("--listops-min-length", ("min_length",), 500, "ListOps: length > this (LRA: 500)"),
-    TaskOption("--listops-max-length", ("max_length",), 2000, "ListOps: length < this (LRA: 2000)", minimum=1),
-    TaskOption("--listops-train", ("num_train",), 2000, "ListOps training examples", minimum=1),
-    TaskOption("--listops-eval", ("num_validation", "num_test"), 200, "ListOps validation and test examples each",
-               minimum=1),
+    dict(flag="--listops-min-length", keywords=("min_length",), default=500, help="ListOps: length > this (LRA: 500)"),
+    dict(flag="--listops-max-length", keywords=("max_length",), default=2000, minimum=1,
+         help="ListOps: length < this (LRA: 2000)"),
+    dict(flag="--listops-train", keywords=("num_train",), default=2000, minimum=1, help="ListOps training examples"),
+    dict(flag="--listops-eval", keywords=("num_validation", "num_test"), default=200, minimum=1,
+         help="ListOps validation and test examples each"),
 )
 
 #: `s4bt reproduce --task listops` budgets (fields of `reproduce.Budget`). cpu: a few minutes on 2 CPU

@@ -31,9 +31,9 @@ class TaskInfo:
     ``input_kind`` is ``"values"`` (the model reads ``input_values`` of shape ``(B, L, input_dim)``) or
     ``"tokens"`` (``input_ids`` with a vocabulary of ``vocab_size`` and padding id ``pad_token_id``).
     The remaining fields (not part of equality) drive the entry points: ``builder`` returns the
-    ``DatasetDict``, ``options`` are its command-line options, ``describe(data_options)`` is one
-    sentence for model cards, and ``budgets`` maps a `s4bt reproduce` budget name to the fields of
-    its ``reproduce.Budget``.
+    ``DatasetDict``, ``options`` are its command-line options (``TaskOption``s or dicts of their
+    fields), ``describe(data_options)`` is one sentence for model cards, and ``budgets`` maps a
+    `s4bt reproduce` budget name to the fields of its ``reproduce.Budget``.
     """
 
     name: str
@@ -46,6 +46,10 @@ class TaskInfo:
     options: tuple[TaskOption, ...] = field(default=(), compare=False, repr=False)
     describe: Callable[[dict], str] | None = field(default=None, compare=False, repr=False)
     budgets: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):  # options may be given as the fields of TaskOption
+        options = tuple(option if isinstance(option, TaskOption) else TaskOption(**option) for option in self.options)
+        object.__setattr__(self, "options", options)
 
     def model_inputs(self) -> dict:
         """The `S4DSSConfig` fields of the model's inputs for this task."""
