@@ -110,7 +110,9 @@ def _h2_flat(system: DiagonalSystem, rank: int, max_iterations: int, pad_mode: c
     # a balanced result already exact to rounding (full order) cannot be improved: keep it
     exact = balanced_error <= _EXACT * norm
     weight = torch.where(~exact, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
-    log_decay, phase = _parameters_of(torch.where(active, start.modes, 0.5), time)
+    # padding modes are held out of the fit; they only need a valid placeholder (stable in both domains)
+    placeholder = 0.5 if time == DISCRETE else -0.5
+    log_decay, phase = _parameters_of(torch.where(active, start.modes, placeholder), time)
     log_decay, phase = log_decay.clone().requires_grad_(True), phase.clone().requires_grad_(True)
     best_error = torch.full_like(norm, float("inf"))
     best_modes = start.modes.clone()
@@ -129,13 +131,18 @@ def _h2_flat(system: DiagonalSystem, rank: int, max_iterations: int, pad_mode: c
             # relative errors: every system weighs the same; a zero system contributes nothing
             total = (torch.nan_to_num(error, nan=0.0, posinf=0.0) * weight).sum()
             total.backward()
+        for parameter in (log_decay, phase):  # an overflowing iterate must not poison the line search
+            parameter.grad = torch.nan_to_num(parameter.grad, nan=0.0, posinf=0.0, neginf=0.0)
         return total
 
     optimizer = torch.optim.LBFGS([log_decay, phase], lr=1.0, max_iter=max(max_iterations, 1),
                                   history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-12, tolerance_change=1e-15)
     if max_iterations > 0 and bool(active.any()) and bool((weight > 0).any()):
-        optimizer.step(objective)
+        try:
+            optimizer.step(objective)
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            pass  # a line search that broke down: every system keeps the best iterate it saw
     else:
         objective()
     with torch.no_grad():
