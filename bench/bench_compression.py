@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from bench_common import available_cores, log
 
-from s4bt_hf import S4DSSConfig, S4DSSModel
+from s4bt_hf import S4DSSConfig, S4DSSModel, diagonal_system
 from s4bt_hf import balanced_truncation as bt
 from s4bt_hf.compression import _layer_system
 
@@ -80,7 +80,7 @@ def make_model(args: argparse.Namespace) -> S4DSSModel:
 
 def chunk_size(channels: int, workers: int) -> int:
     """Systems per chunk, as `reduce_to_modes` splits a layer among its worker threads."""
-    return max(1, min(getattr(bt, "_CHUNK_SIZE", 64), -(-channels // workers)))
+    return max(1, min(diagonal_system._CHUNK_SIZE, -(-channels // workers)))
 
 
 def balancing_steps(system) -> dict[str, Callable]:

@@ -1,6 +1,6 @@
 """The objects every reduction method works on: a bank of diagonal real-output linear systems
 (`DiagonalSystem`, one system per channel) and the reduced modes a method returns
-(`ReducedModes`), plus the closed forms they share (kernel, DC gain, H2 norm) and the
+(`ReducedModes`), plus the closed forms they share (DC gain, H2 norms) and the
 chunked, threaded map that runs a method over many channels.
 
 A system with complex modes a (N,), input vector b (N,) and output rows C (p, N) computes the
