@@ -68,6 +68,8 @@ def check_calibration_data(model, calibration_data) -> list[dict]:
                 raise TypeError(f"`calibration_data` batch {index}: `{key}` must be a torch.Tensor, got "
                                 f"{type(batch[key]).__name__}.")
         batch = {key: value for key, value in batch.items() if key != "labels"}
+        # one forward now (the refit runs them again later) so that a batch that does not fit fails
+        # before the reduction's work, with a message naming `calibration_data`
         try:
             with torch.no_grad(), _evaluation(model):
                 model(**batch)
