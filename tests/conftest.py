@@ -72,3 +72,13 @@ def spread_classifier():
 def hf_home():
     """The throwaway HF_HOME the whole test session runs with."""
     return TEST_HF_HOME
+
+
+@pytest.fixture
+def one_thread():
+    """Steps of a tiny model are dispatch-bound: more threads only spin on a shared machine.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

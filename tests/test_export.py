@@ -14,12 +14,7 @@ from s4bt_hf.export import ExportDependencyError, export_model, load_exported
 onnx = pytest.importorskip("onnx")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classifier(seed=0, **overrides):

@@ -6,14 +6,7 @@ import torch
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, S4DSSModel
 from s4bt_hf.modeling_s4dss import S4DSSStreamingState
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Steps of a tiny model are dispatch-bound: more threads only spin on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream(model, state, key, inputs):
