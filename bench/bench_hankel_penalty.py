@@ -6,7 +6,10 @@ batch 50, sequences of 784 pixels). In ONE process, alternating, `--repeats` tim
     step of the Accelerate loop without its bookkeeping);
   * the penalty: `hankel_penalty(model)` forward + backward (what a due step adds).
 The overhead per step is penalty / step (hankel_every = 1) and penalty / (k · step) for
-hankel_every = k (the penalty runs on one step in k). Medians and minima of the repeats are
+hankel_every = k (the penalty runs on one step in k). `eigh_floor` times only the float64
+`eigh` (with vectors: the gradient needs them) of every channel's 2N x 2N symmetric matrix
+Lᵀ S L: the one step an exact penalty cannot skip, so `percent_of_step` is the least overhead an
+exact float64 penalty can have on this machine. Medians and minima of the repeats are
 reported (other processes only slow a run down; the machine may be shared), in wall time and in
 this process's CPU time. The penalty runs on one thread whatever `--threads` says (see
 `hankel_penalty._single_threaded`); the training step uses `--threads` (default 1: the ratio of
@@ -31,6 +34,9 @@ import torch
 from bench_common import log
 
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, hankel_penalty, ssm_param_groups
+from s4bt_hf.balanced_truncation import real_gram, symmetric_hankel_product
+from s4bt_hf.diagonal_system import gramian_kernel
+from s4bt_hf.hankel_penalty import channel_systems, dss_kernels
 from s4bt_hf.reproduce import default_budgets
 
 TARGET_PERCENT = 30.0
@@ -62,22 +68,31 @@ def main() -> None:
         hankel_penalty(model).backward()
         optimizer.zero_grad()
 
+    hankel_matrices = channel_hankel_matrices(model)
+
+    def eigh_only():
+        torch.set_num_threads(1)  # as the penalty runs it
+        torch.linalg.eigh(hankel_matrices)
+        torch.set_num_threads(args.threads)
+
     def timed(work) -> tuple[float, float]:
         started, started_cpu = time.perf_counter(), time.process_time()
         work()
         return time.perf_counter() - started, time.process_time() - started_cpu
 
     training_step(), penalty_step()  # warm-up: kernels, allocator
-    steps, penalties = [], []
+    steps, penalties, eighs = [], [], []
     for repeat in range(args.repeats):
-        order = (training_step, penalty_step) if repeat % 2 == 0 else (penalty_step, training_step)
+        order = (training_step, penalty_step, eigh_only) if repeat % 2 == 0 else (eigh_only, penalty_step,
+                                                                                  training_step)
         for work in order:
-            (steps if work is training_step else penalties).append(timed(work))
+            {training_step: steps, penalty_step: penalties, eigh_only: eighs}[work].append(timed(work))
         log(f"repeat {repeat + 1}/{args.repeats}: step {steps[-1][0] * 1e3:.1f} ms, "
-            f"penalty {penalties[-1][0] * 1e3:.1f} ms (wall)")
+            f"penalty {penalties[-1][0] * 1e3:.1f} ms, eigh alone {eighs[-1][0] * 1e3:.1f} ms (wall)")
     step_median, penalty_median = (statistics.median(wall for wall, _ in runs) for runs in (steps, penalties))
     step_min, penalty_min = (min(wall for wall, _ in runs) for runs in (steps, penalties))
     step_cpu, penalty_cpu = (statistics.median(cpu for _, cpu in runs) for runs in (steps, penalties))
+    eigh_median = statistics.median(wall for wall, _ in eighs)
     overhead = {f"hankel_every_{k}": {"percent_median": round(100 * penalty_median / (k * step_median), 1),
                                       "percent_min": round(100 * penalty_min / (k * step_min), 1),
                                       "percent_cpu_median": round(100 * penalty_cpu / (k * step_cpu), 1)}
@@ -90,11 +105,25 @@ def main() -> None:
         "step_ms": {"median": round(step_median * 1e3, 2), "min": round(step_min * 1e3, 2)},
         "penalty_forward_backward_ms": {"median": round(penalty_median * 1e3, 2), "min": round(penalty_min * 1e3, 2)},
         "cpu_ms_median": {"step": round(step_cpu * 1e3, 2), "penalty": round(penalty_cpu * 1e3, 2)},
+        "eigh_floor": {"matrices": list(hankel_matrices.shape), "ms_median": round(eigh_median * 1e3, 2),
+                       "percent_of_penalty": round(100 * eigh_median / penalty_median, 1),
+                       "percent_of_step": round(100 * eigh_median / step_median, 1)},
         "load_average_1min": round(os.getloadavg()[0], 2),
         "overhead": overhead,
         "target_percent": TARGET_PERCENT,
         "target_met_every_1": overhead.get("hankel_every_1", {}).get("percent_median", 0) <= TARGET_PERCENT,
     }))
+
+
+def channel_hankel_matrices(model) -> torch.Tensor:
+    """Every channel's symmetric Lᵀ S L (float64, 2N x 2N), whose |eigenvalues| are its Hankel
+    singular values: what the penalty decomposes."""
+    with torch.no_grad():
+        systems = [channel_systems(kernel) for kernel in dss_kernels(model)]
+        modes, residues = torch.cat([modes for modes, _ in systems]), torch.cat([rows for _, rows in systems])
+        a_i, a_j = modes.unsqueeze(-1), modes.unsqueeze(-2)
+        gramian = real_gram(gramian_kernel(a_i, a_j.conj(), "discrete"), gramian_kernel(a_i, a_j, "discrete"), 1.0)
+        return symmetric_hankel_product(torch.linalg.cholesky(gramian), residues[:, 0])[0]
 
 
 if __name__ == "__main__":

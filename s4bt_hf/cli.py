@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     sources = compare.add_mutually_exclusive_group(required=True)
     sources.add_argument("--reproduce", help="a `s4bt reproduce` folder: its pre-trained originals and their data")
     sources.add_argument("--model", help="folder of one saved S4-DSS model (needs --task)")
+    compare.add_argument("--regularised", action="store_true",
+                         help="with --reproduce: the Hankel-regularised originals of its compression-aware arm "
+                         "(the λ it chose) instead of the plain ones")
     compare.add_argument("--task", choices=tuple(TASK_INFOS), help="task of --model")
     compare.add_argument("--ranks", type=positive_int, nargs="+", default=[2, 4, 8, 16])
     compare.add_argument("--output", required=True, help="new folder for the results")
@@ -429,10 +432,12 @@ def command_compare_reductions(args) -> dict:
         if not os.path.isdir(args.reproduce):
             raise CliError(f"no reproduce folder at {args.reproduce}")
         try:
-            originals = originals_of_reproduce(args.reproduce)
+            originals = originals_of_reproduce(args.reproduce, regularised=args.regularised)
         except ValueError as error:
             raise CliError(str(error)) from error
     else:
+        if args.regularised:
+            raise CliError("--regularised needs --reproduce (a folder with the compression-aware arm)")
         if args.task is None:
             raise CliError("--model needs --task (the task the model was trained on)")
         model = load_model(args.model)

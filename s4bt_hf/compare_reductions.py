@@ -29,23 +29,45 @@ DEFAULT_VARIANTS = (
 SETTINGS = ("uniform", "uniform+refit", "budget", "budget+refit")
 
 
-def originals_of_reproduce(folder: str) -> list[dict]:
-    """The pre-trained originals of a `s4bt reproduce` folder: model path, task and data options."""
+def originals_of_reproduce(folder: str, regularised: bool = False) -> list[dict]:
+    """The pre-trained originals of a `s4bt reproduce` folder: model path, task and data options.
+    With `regularised`, the Hankel-regularised originals of its compression-aware arm instead,
+    those of the λ (and `hankel_every`) that the run chose on validation (read from results.json)."""
+    wanted = _chosen_hankel_setting(folder) if regularised else None
+    pattern = "hankel-pretrain-*" if regularised else "pretrain-*"
     originals = []
-    for stage in sorted(glob.glob(os.path.join(folder, "stages", "pretrain-*"))):
+    for stage in sorted(glob.glob(os.path.join(folder, "stages", pattern))):
         result_path = os.path.join(stage, "result.json")
         if not os.path.isfile(result_path):
             continue
         with open(os.path.join(stage, "stage_config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
+        if wanted is not None and (config.get("hankel_weight"), config.get("hankel_every")) != wanted:
+            continue  # another λ of the selection grid
         with open(result_path, encoding="utf-8") as handle:
             result = json.load(handle)
         originals.append({"name": os.path.basename(stage).rsplit("-", 1)[0], "model": result["model"],
                           "task": config["task"], "data": config.get("data") or {},
                           "train_samples": config.get("train_samples")})
     if not originals:
-        raise ValueError(f"no finished pre-training stage (stages/pretrain-*/result.json) under {folder}")
+        raise ValueError(f"no finished pre-training stage (stages/{pattern}/result.json) under {folder}"
+                         + (f" with the chosen hankel_weight {wanted[0]:g} and hankel_every {wanted[1]}"
+                            if wanted else ""))
     return originals
+
+
+def _chosen_hankel_setting(folder: str) -> tuple[float, int]:
+    """(λ, hankel_every) of the compression-aware arm of a finished `s4bt reproduce --compression-aware` run."""
+    path = os.path.join(folder, "results.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            arm = json.load(handle).get("compression_aware")
+    except FileNotFoundError:
+        arm = None
+    if not arm:
+        raise ValueError(f"{path} has no compression-aware results: run `s4bt reproduce --compression-aware` "
+                         f"into {folder} first")
+    return float(arm["hankel_selection"]["chosen_weight"]), int(arm["settings"]["hankel_every"])
 
 
 def calibration_batches(split, samples: int, batch_size: int, collate) -> list[dict]:

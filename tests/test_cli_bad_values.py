@@ -39,6 +39,10 @@ def bad_commands(tmp):
         "compress output is a file": ["compress", "--model", model, "--output", str(tmp / "a-file"), "--rank", "2"],
         "reproduce ranks 0": ["reproduce", "--output", str(tmp / "r"), "--ranks", "0"],
         "reproduce unknown budget": ["reproduce", "--output", str(tmp / "r"), "--budget", "huge"],
+        "compare --regularised without --reproduce": ["compare-reductions", "--model", model, "--task", "smnist",
+                                                      "--regularised", "--output", str(tmp / "c")],
+        "compare --regularised, no compression-aware arm": ["compare-reductions", "--reproduce", str(tmp),
+                                                            "--regularised", "--output", str(tmp / "c")],
         "evaluate missing model": evaluate,
         "unknown command": ["fly"],
     }

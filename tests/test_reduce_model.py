@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from s4bt_hf import CompressionReport, S4DSSConfig, S4DSSForSequenceClassification
-from s4bt_hf.compare_reductions import compare_reductions
+from s4bt_hf.compare_reductions import compare_reductions, originals_of_reproduce
 from s4bt_hf.compression_report import LayerCompression
 from s4bt_hf.reduction_methods import REDUCTION_METHODS
 
@@ -232,3 +232,30 @@ def test_compare_reductions_writes_its_table(tmp_path):
     assert (tmp_path / "out" / "keep_ratio.png").stat().st_size > 0
     with pytest.raises(ValueError, match="already holds results.json"):
         compare_reductions([original], [1], str(tmp_path / "out"), variants=variants)
+
+
+def _fake_stage(folder, name, config):
+    stage = folder / "stages" / name
+    stage.mkdir(parents=True)
+    (stage / "stage_config.json").write_text(json.dumps({"task": "smnist", "data": {}, "train_samples": None,
+                                                         **config}))
+    (stage / "result.json").write_text(json.dumps({"model": str(stage / "run" / "best")}))
+
+
+def test_originals_of_reproduce_picks_the_chosen_regularised_originals(tmp_path):
+    _fake_stage(tmp_path, "pretrain-s0-e3-aaaa", {"seed": 0})
+    for weight, every, digest in ((0.001, 4, "bbbb"), (0.01, 4, "cccc"), (0.001, 1, "dddd")):
+        _fake_stage(tmp_path, f"hankel-pretrain-s0-e3-w{weight:g}-{digest}",
+                    {"seed": 0, "hankel_weight": weight, "hankel_every": every})
+    assert [original["name"] for original in originals_of_reproduce(str(tmp_path))] == ["pretrain-s0-e3"]
+    with pytest.raises(ValueError, match="no compression-aware results"):
+        originals_of_reproduce(str(tmp_path), regularised=True)
+    arm = {"settings": {"hankel_every": 4}, "hankel_selection": {"chosen_weight": 0.01}}
+    (tmp_path / "results.json").write_text(json.dumps({"compression_aware": arm}))
+    chosen = originals_of_reproduce(str(tmp_path), regularised=True)
+    expected = tmp_path / "stages" / "hankel-pretrain-s0-e3-w0.01-cccc" / "run" / "best"
+    assert [original["model"] for original in chosen] == [str(expected)]
+    arm["settings"]["hankel_every"] = 2  # no stage was trained with it
+    (tmp_path / "results.json").write_text(json.dumps({"compression_aware": arm}))
+    with pytest.raises(ValueError, match="chosen hankel_weight 0.01 and hankel_every 2"):
+        originals_of_reproduce(str(tmp_path), regularised=True)
