@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "loss, so that truncation afterwards loses little (default 0: off)")
     aware.add_argument("--hankel-every", type=int, default=1,
                        help="evaluate the Hankel penalty every k optimizer steps, weighted k times (default 1)")
+    aware.add_argument("--hankel-reuse", action="store_true",
+                       help="with --hankel-every k: weight it once and apply its last gradient on the k-1 steps in "
+                       "between (about the regularisation of k = 1 at 1/k of the cost)")
     aware.add_argument("--reduce-at", type=_fraction_or_step,
                        help="reduce every layer by balanced truncation during training: after this fraction of the "
                        "run (0.1) or this optimizer step (200), then train on at the reduced size")
@@ -366,7 +369,8 @@ def command_train(args) -> dict:
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
         extra={"task": args.task, "data": data_options, "train_samples": args.train_samples,
                "init_from": args.init_from},
-        hankel_weight=args.hankel_weight, hankel_every=args.hankel_every, reduction=schedule,
+        hankel_weight=args.hankel_weight, hankel_every=args.hankel_every, hankel_reuse=args.hankel_reuse,
+        reduction=schedule,
     )
     try:
         config = TrainingConfig(**training_options)

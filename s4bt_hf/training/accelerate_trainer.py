@@ -33,9 +33,10 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from ..compression_report import CompressionReport
-from ..hankel_penalty import dss_kernels, hankel_penalty
+from ..hankel_penalty import dss_kernels
 from ..optimization import ssm_param_groups
 from .evaluation import evaluation_metrics
+from .hankel_term import HankelTerm
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -71,9 +72,11 @@ class TrainingConfig:
     extra: dict = field(default_factory=dict)  # caller's facts recorded in run_config.json (task, data options)
     on_nonfinite_loss: str = "stop"  # "stop": raise NonFiniteLossError; "skip": leave the micro-batch out
     # compression-aware training: loss + hankel_weight · hankel_penalty(model), the penalty evaluated every
-    # `hankel_every` optimizer steps with weight hankel_weight · hankel_every (the same strength on average)
+    # `hankel_every` optimizer steps with weight hankel_weight · hankel_every (the same strength on average),
+    # or with `hankel_reuse` weight hankel_weight and its last gradient applied in between (`HankelTerm`)
     hankel_weight: float = 0.0
     hankel_every: int = 1
+    hankel_reuse: bool = False
     reduction: ReductionSchedule | None = None  # reduce every layer during training (also a dict of its fields)
 
     def __post_init__(self):
@@ -97,6 +100,8 @@ class TrainingConfig:
         if self.hankel_weight < 0:
             raise ValueError(f"TrainingConfig: `hankel_weight` must be >= 0, got {self.hankel_weight}.")
         _require_int("hankel_every", self.hankel_every, minimum=1)
+        if not isinstance(self.hankel_reuse, bool):
+            raise TypeError(f"TrainingConfig: `hankel_reuse` must be True or False, got {self.hankel_reuse!r}.")
         self.reduction = ReductionSchedule.coerce(self.reduction)
         if self.on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"TrainingConfig: `on_nonfinite_loss` must be 'stop' or 'skip', "
@@ -195,6 +200,7 @@ class _Run:
     running_count: int = 0
     started: float = field(default_factory=time.time)
     bar: object = None
+    hankel: HankelTerm | None = None  # the penalty's term in the loss (None: no penalty)
     running_penalty: float = 0.0  # Σσ values (unweighted) since the last log record
     penalty_count: int = 0
     reduction_step: int | None = None  # the optimizer step after which the schedule reduces the model
@@ -274,6 +280,10 @@ def _prepare_run(accelerator, model, train_dataset, eval_dataset, config: Traini
     accelerator.register_for_checkpointing(progress)
     run = _Run(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
                steps_per_epoch, total_steps)
+    if config.hankel_weight > 0:
+        run.hankel = HankelTerm(config.hankel_weight, config.hankel_every, config.hankel_reuse)
+        if config.hankel_reuse:  # its kept gradient is part of the run's state
+            accelerator.register_for_checkpointing(run.hankel)
     if config.reduction is not None:
         run.reduction_step = config.reduction.step(total_steps)
     return run
@@ -348,12 +358,12 @@ def _training_step(run: _Run, batch) -> None:
     with accelerator.accumulate(run.model):
         loss = _compute_loss(run, batch)
         loss_value = loss.detach().float().item()  # one sync per micro-batch, as the running loss needs
-        penalty = _hankel_term(run)
-        if penalty is not None:
-            penalty_value = penalty.item()
-            loss = loss + (run.config.hankel_weight * run.config.hankel_every
-                           * run.config.gradient_accumulation_steps * penalty).to(loss.dtype)
-        if _nonfinite_anywhere(accelerator, loss_value if penalty is None else loss_value + penalty_value):
+        term, penalty_value = _hankel_term(run)
+        if term is not None:
+            term_value = term.item()
+            # `accelerator.backward` divides by the accumulation steps; the term is added once per optimizer step
+            loss = loss + (run.config.gradient_accumulation_steps * term).to(loss.dtype)
+        if _nonfinite_anywhere(accelerator, loss_value if term is None else loss_value + term_value):
             _on_nonfinite_loss(run, loss_value)
             optimizer.zero_grad()  # acts at the window's end only: drops the unsynchronised partial sums
             return
@@ -364,19 +374,17 @@ def _training_step(run: _Run, batch) -> None:
         optimizer.zero_grad()
     run.running_loss += loss_value
     run.running_count += 1
-    if penalty is not None:
+    if penalty_value is not None:
         run.running_penalty += penalty_value
         run.penalty_count += 1
 
 
-def _hankel_term(run: _Run) -> torch.Tensor | None:
-    """`hankel_penalty` (unweighted, float64) when it is due: on the last micro-batch of every
-    `hankel_every`-th optimizer step (`accelerator.backward` divides by the accumulation steps,
-    hence the factor gradient_accumulation_steps on it)."""
-    config = run.config
-    if config.hankel_weight == 0 or not run.accelerator.sync_gradients or run.progress.step % config.hankel_every:
-        return None
-    return hankel_penalty(run.accelerator.unwrap_model(run.model))
+def _hankel_term(run: _Run) -> tuple[torch.Tensor | None, float | None]:
+    """The weighted penalty term (`HankelTerm`) on the last micro-batch of an optimizer step, and
+    Σσ when it was evaluated; (None, None) on the other micro-batches or without a penalty."""
+    if run.hankel is None or not run.accelerator.sync_gradients:
+        return None, None
+    return run.hankel.loss_term(run.accelerator.unwrap_model(run.model), run.progress.step)
 
 
 def _reduce(run: _Run) -> None:
@@ -389,6 +397,8 @@ def _reduce(run: _Run) -> None:
                                                                    run.total_steps))
     run.reduced_at = step
     run.progress.best_accuracy, run.progress.best_step = None, None
+    if run.hankel is not None:
+        run.hankel.clear()  # its kept gradient has the old shapes
     _log(run.config.output_dir, run.accelerator, {"step": step, "reduced_d_state": model.config.layer_d_states})
 
 

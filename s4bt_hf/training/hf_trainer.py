@@ -29,9 +29,9 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import unwrap_peft_model
 
 from ..compression_report import CompressionReport
-from ..hankel_penalty import hankel_penalty
 from ..optimization import ssm_param_groups
 from .accelerate_trainer import NonFiniteLossError
+from .hankel_term import HankelTerm
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 # Optimizer kwargs with which `get_optimizer_cls_and_kwargs` says that the optimizer builds its own
@@ -61,18 +61,23 @@ class S4DSSTrainer(Trainer):
             training loss, evaluated on the first micro-batch of every `hankel_every`-th optimizer
             step with weight hankel_weight · hankel_every (the same strength on average).
         hankel_every (`int`, default 1).
+        hankel_reuse (`bool`, default False): with `hankel_every` > 1, weight hankel_weight and the
+            last evaluated gradient applied on the steps in between (`HankelTerm`). The kept
+            gradient is not saved in checkpoints: a resumed run evaluates the penalty afresh on its
+            first step (the Accelerate loop's `TrainingConfig` saves it).
         reduction (`ReductionSchedule`): reduce every DSS layer during training (adds a
             `ReductionCallback`); a checkpoint written after the reduction resumes into the
             original model (`resume_from_checkpoint`), which is resized first.
     """
 
-    def __init__(self, *args, hankel_weight: float = 0.0, hankel_every: int = 1,
+    def __init__(self, *args, hankel_weight: float = 0.0, hankel_every: int = 1, hankel_reuse: bool = False,
                  reduction: ReductionSchedule | None = None, **kwargs):
-        _check_hankel_options(hankel_weight, hankel_every)
+        _check_hankel_options(hankel_weight, hankel_every, hankel_reuse)
         reduction = ReductionSchedule.coerce(reduction)
         super().__init__(*args, **kwargs)
         self.hankel_weight, self.hankel_every = float(hankel_weight), int(hankel_every)
-        self._hankel_step = None  # the optimizer step whose penalty was added
+        self._hankel = HankelTerm(self.hankel_weight, self.hankel_every, hankel_reuse)
+        self._hankel_step = None  # the optimizer step whose penalty term was added
         self._task_losses, self._penalties = [], []
         if self.model is not None and (self.optimizer is None or hankel_weight > 0 or reduction is not None):
             self._s4dss_model(self.model)  # fail now rather than when training starts
@@ -92,14 +97,16 @@ class S4DSSTrainer(Trainer):
         loss = result[0] if return_outputs else result
         self._task_losses.append(loss.detach().float().item())
         step = self.state.global_step
-        if step % self.hankel_every or self._hankel_step == step:  # not due, or added on this step already
+        if self._hankel_step == step:  # the term was added on this optimizer step already
             return result
         self._hankel_step = step
-        penalty = hankel_penalty(self._s4dss_model(model))
-        self._penalties.append(penalty.item())
-        # training_step divides by the accumulation steps; the penalty is added once per optimizer step
-        weight = self.hankel_weight * self.hankel_every * getattr(self, "current_gradient_accumulation_steps", 1)
-        loss = loss + (weight * penalty).to(loss.dtype)
+        term, penalty = self._hankel.loss_term(self._s4dss_model(model), step)
+        if term is None:
+            return result
+        if penalty is not None:
+            self._penalties.append(penalty)
+        # training_step divides by the accumulation steps; the term is added once per optimizer step
+        loss = loss + (getattr(self, "current_gradient_accumulation_steps", 1) * term).to(loss.dtype)
         return (loss, *result[1:]) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -182,7 +189,9 @@ class S4DSSTrainer(Trainer):
         return self.optimizer
 
 
-def _check_hankel_options(hankel_weight, hankel_every) -> None:
+def _check_hankel_options(hankel_weight, hankel_every, hankel_reuse) -> None:
+    if not isinstance(hankel_reuse, bool):
+        raise TypeError(f"S4DSSTrainer: `hankel_reuse` must be True or False, got {hankel_reuse!r}.")
     if isinstance(hankel_weight, bool) or not isinstance(hankel_weight, numbers.Real):
         raise TypeError(f"S4DSSTrainer: `hankel_weight` must be a number, got {hankel_weight!r}.")
     if not math.isfinite(hankel_weight) or hankel_weight < 0:
