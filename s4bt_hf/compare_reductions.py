@@ -42,8 +42,9 @@ def originals_of_reproduce(folder: str, regularised: bool = False) -> list[dict]
             continue
         with open(os.path.join(stage, "stage_config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
-        if wanted is not None and (config.get("hankel_weight"), config.get("hankel_every")) != wanted:
-            continue  # another λ of the selection grid
+        if wanted is not None and (config.get("hankel_weight"), config.get("hankel_every"),
+                                   config.get("hankel_reuse", False)) != wanted:
+            continue  # another λ of the selection grid, or another setting of the penalty
         with open(result_path, encoding="utf-8") as handle:
             result = json.load(handle)
         originals.append({"name": os.path.basename(stage).rsplit("-", 1)[0], "model": result["model"],
@@ -51,13 +52,14 @@ def originals_of_reproduce(folder: str, regularised: bool = False) -> list[dict]
                           "train_samples": config.get("train_samples")})
     if not originals:
         raise ValueError(f"no finished pre-training stage (stages/{pattern}/result.json) under {folder}"
-                         + (f" with the chosen hankel_weight {wanted[0]:g} and hankel_every {wanted[1]}"
-                            if wanted else ""))
+                         + (f" with the chosen hankel_weight {wanted[0]:g}, hankel_every {wanted[1]} and "
+                            f"hankel_reuse {wanted[2]}" if wanted else ""))
     return originals
 
 
-def _chosen_hankel_setting(folder: str) -> tuple[float, int]:
-    """(λ, hankel_every) of the compression-aware arm of a finished `s4bt reproduce --compression-aware` run."""
+def _chosen_hankel_setting(folder: str) -> tuple[float, int, bool]:
+    """(λ, hankel_every, hankel_reuse) of the compression-aware arm of a finished
+    `s4bt reproduce --compression-aware` run."""
     path = os.path.join(folder, "results.json")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -67,7 +69,9 @@ def _chosen_hankel_setting(folder: str) -> tuple[float, int]:
     if not arm:
         raise ValueError(f"{path} has no compression-aware results: run `s4bt reproduce --compression-aware` "
                          f"into {folder} first")
-    return float(arm["hankel_selection"]["chosen_weight"]), int(arm["settings"]["hankel_every"])
+    settings = arm["settings"]
+    return (float(arm["hankel_selection"]["chosen_weight"]), int(settings["hankel_every"]),
+            bool(settings.get("hankel_reuse", False)))  # absent: a run from before the option
 
 
 def calibration_batches(split, samples: int, batch_size: int, collate) -> list[dict]:

@@ -92,7 +92,8 @@ class CompressionAware:
     """The compression-aware arms (`s4bt reproduce --compression-aware`), next to the others:
 
     (a) Hankel-regularised originals: the same seeds, epochs and recipe as the originals, trained
-        with `hankel_weight` λ (the penalty every `hankel_every` steps, weighted accordingly), then
+        with `hankel_weight` λ (the penalty every `hankel_every` steps, its last gradient applied
+        in between with `hankel_reuse`, or weighted `hankel_every` times without), then
         reduced by balanced truncation to every rank WITHOUT retraining. λ is chosen from
         `hankel_weights` on the VALIDATION split, on the first original's seed only: the λ whose
         rank-`selection_rank` reduction has the best validation accuracy among those whose
@@ -105,6 +106,7 @@ class CompressionAware:
 
     hankel_weights: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     hankel_every: int = 4
+    hankel_reuse: bool = True  # the regularisation of every step at the cost of one in `hankel_every`
     selection_rank: int | None = None  # None: the middle of the ranks (8 of 2, 4, 8, 16)
     tolerance: float = 0.01
     reduce_at: float = 0.1
@@ -117,6 +119,8 @@ class CompressionAware:
         object.__setattr__(self, "hankel_weights", weights)
         if isinstance(self.hankel_every, bool) or not isinstance(self.hankel_every, int) or self.hankel_every < 1:
             raise ValueError(f"CompressionAware: `hankel_every` must be an int >= 1, got {self.hankel_every!r}.")
+        if not isinstance(self.hankel_reuse, bool):
+            raise ValueError(f"CompressionAware: `hankel_reuse` must be True or False, got {self.hankel_reuse!r}.")
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance <= 1):
             raise ValueError(f"CompressionAware: `tolerance` must be in [0, 1], got {self.tolerance!r}.")
         if not (isinstance(self.reduce_at, float) and 0 < self.reduce_at < 1):
@@ -274,7 +278,7 @@ def _prepare(task: str, output: str, budget: Budget, progress: bool, log) -> _Ex
 
 
 def _pretrain(experiment: _Experiment, seed: int, epochs: int, hankel_weight: float | None = None,
-              hankel_every: int = 1) -> dict:
+              hankel_every: int = 1, hankel_reuse: bool = False) -> dict:
     """One original of d_state N; with `hankel_weight`, trained with the Hankel penalty."""
     budget = experiment.budget
     config = {**experiment.common, "recipe": experiment.recipe, "seed": seed, "epochs": epochs,
@@ -283,9 +287,11 @@ def _pretrain(experiment: _Experiment, seed: int, epochs: int, hankel_weight: fl
         return experiment.stage(f"pretrain-s{seed}-e{epochs}", config, experiment.train_new, d_state=budget.d_state,
                                 seed=seed, epochs=epochs)
     config.update(hankel_weight=hankel_weight, hankel_every=hankel_every)
+    if hankel_reuse:  # in the key only when on: the stages trained before the option existed keep theirs
+        config["hankel_reuse"] = True
     return experiment.stage(f"hankel-pretrain-s{seed}-e{epochs}-w{hankel_weight:g}", config, experiment.train_new,
                             d_state=budget.d_state, seed=seed, epochs=epochs, hankel_weight=hankel_weight,
-                            hankel_every=hankel_every)
+                            hankel_every=hankel_every, hankel_reuse=hankel_reuse)
 
 
 def _pretrain_originals(experiment: _Experiment) -> list[dict]:
@@ -379,7 +385,7 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
     (seed, epochs), reference = budget.originals[0], originals[0]
     grid = []
     for weight in settings.hankel_weights:
-        original = _pretrain(experiment, seed, epochs, weight, settings.hankel_every)
+        original = _pretrain(experiment, seed, epochs, weight, settings.hankel_every, settings.hankel_reuse)
         reduced = _hankel_reduce(experiment, seed, epochs, weight, original, selection_rank)
         grid.append({"weight": weight, "original_validation_accuracy": original["validation_accuracy"],
                      "reduced_validation_accuracy": reduced["validation_accuracy"]})
@@ -390,7 +396,7 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
     experiment.log(f"hankel weight chosen on validation: {chosen:g} (grid {grid})")
     rows, models = [], []
     for (seed, epochs), plain in zip(budget.originals, originals, strict=True):
-        original = _pretrain(experiment, seed, epochs, chosen, settings.hankel_every)
+        original = _pretrain(experiment, seed, epochs, chosen, settings.hankel_every, settings.hankel_reuse)
         models.append({"seed": seed, "epochs": epochs, "hankel_weight": chosen,
                        "validation_accuracy": original["validation_accuracy"],
                        "test_accuracy": original["test_accuracy"],
@@ -584,9 +590,10 @@ def compression_aware_table(results: dict) -> str:
     aware = results["compression_aware"]
     selection, settings = aware["hankel_selection"], aware["settings"]
     weight = selection["chosen_weight"]
+    reuse = ", its gradient reused in between" if settings.get("hankel_reuse") else ""
     lines = [
         f"Compression-aware arms (test accuracy in %, same seeds and recipe). Hankel penalty λ = {weight:g} "
-        f"(every {settings['hankel_every']} steps), its originals reduced by balanced truncation WITHOUT "
+        f"(every {settings['hankel_every']} steps{reuse}), its originals reduced by balanced truncation WITHOUT "
         f"retraining; reduction during training after {100 * settings['reduce_at']:g} % of a run as long as the BT "
         "arm's pre-training and main training together.",
         "",

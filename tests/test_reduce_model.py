@@ -255,7 +255,12 @@ def test_originals_of_reproduce_picks_the_chosen_regularised_originals(tmp_path)
     chosen = originals_of_reproduce(str(tmp_path), regularised=True)
     expected = tmp_path / "stages" / "hankel-pretrain-s0-e3-w0.01-cccc" / "run" / "best"
     assert [original["model"] for original in chosen] == [str(expected)]
-    arm["settings"]["hankel_every"] = 2  # no stage was trained with it
+    arm["settings"]["hankel_reuse"] = True  # no stage was trained with it
     (tmp_path / "results.json").write_text(json.dumps({"compression_aware": arm}))
-    with pytest.raises(ValueError, match="chosen hankel_weight 0.01 and hankel_every 2"):
+    with pytest.raises(ValueError, match="chosen hankel_weight 0.01, hankel_every 4 and hankel_reuse True"):
         originals_of_reproduce(str(tmp_path), regularised=True)
+    _fake_stage(tmp_path, "hankel-pretrain-s0-e3-w0.01-eeee",
+                {"seed": 0, "hankel_weight": 0.01, "hankel_every": 4, "hankel_reuse": True})
+    assert [original["name"] for original in originals_of_reproduce(str(tmp_path), regularised=True)] == [
+        "hankel-pretrain-s0-e3-w0.01"]
+    assert "eeee" in originals_of_reproduce(str(tmp_path), regularised=True)[0]["model"]

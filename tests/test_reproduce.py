@@ -176,7 +176,7 @@ def test_hankel_weight_is_chosen_on_validation_only():
 @pytest.mark.parametrize("fields, match", [
     ({"hankel_weights": ()}, "hankel_weights"), ({"hankel_weights": (0.1, -1.0)}, "hankel_weights"),
     ({"hankel_weights": (float("nan"),)}, "hankel_weights"), ({"hankel_every": 0}, "hankel_every"),
-    ({"reduce_at": 1.0}, "reduce_at"), ({"tolerance": -0.1}, "tolerance"),
+    ({"reduce_at": 1.0}, "reduce_at"), ({"tolerance": -0.1}, "tolerance"), ({"hankel_reuse": 1}, "hankel_reuse"),
 ])
 def test_bad_compression_aware_settings(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -215,7 +215,8 @@ def test_compression_aware_arms_reuse_the_cached_originals(experiment):
         plain = configs[f"pretrain-s{seed}-e{epochs}"]
         regularised = configs[f"hankel-pretrain-s{seed}-e{epochs}-w{chosen:g}"]
         assert {k: v for k, v in regularised.items() if not k.startswith("hankel")} == plain
-        assert (regularised["hankel_weight"], regularised["hankel_every"]) == (chosen, 1)
+        assert (regularised["hankel_weight"], regularised["hankel_every"], regularised["hankel_reuse"]) == (
+            chosen, 1, True)
         # reduction during training: as many epochs as pre-training + main training, to every rank
         for rank in budget.ranks:
             during = configs[f"reduce-during-s{seed}-e{epochs + 1}-r{rank}"]
