@@ -268,10 +268,12 @@ def test_cli_options_and_their_errors(tmp_path, capsys):
         assert not output.exists()
     output = tmp_path / "good"
     assert cli_main([*common, "--output", str(output), "--reduce-at", "0.5", "--reduce-tol", "0.99",
-                     "--hankel-weight", "0.01"]) == 0
+                     "--hankel-weight", "0.01", "--hankel-every", "2", "--hankel-reuse"]) == 0
     report = json.loads((output / "final" / "compression_report.json").read_text())
     assert report["training"]["step"] == 1 and report["training"]["schedule"]["tol"] == 0.99
     assert any("hankel_penalty" in row for row in records(output))
+    saved = json.loads((output / "run_config.json").read_text())["training"]
+    assert (saved["hankel_weight"], saved["hankel_every"], saved["hankel_reuse"]) == (0.01, 2, True)
     output = tmp_path / "modal"
     assert cli_main([*common, "--output", str(output), "--reduce-at", "1", "--reduce-rank", "2", "--reduce-method",
                      "modal_truncation", "--reduce-option", "match_dc=true"]) == 0
