@@ -1,7 +1,7 @@
 """`HankelTerm`: the penalty's term in the training loss. Without reuse, k·λ·Σσ on one step in k;
 with reuse, λ·Σσ and its exact gradient on the evaluation steps and that same (stale) gradient on
-the steps in between; its state survives a checkpoint, and a resumed Accelerate run ends
-bit-identical to an uninterrupted one."""
+the steps in between; its state survives a checkpoint, and a run resumed between two evaluations
+ends bit-identical to an uninterrupted one, in the Accelerate loop and in S4DSSTrainer."""
 
 import shutil
 
@@ -118,6 +118,27 @@ def test_reuse_in_the_accelerate_loop_and_a_resume_from_mid_period(tmp_path):
     result = train(resumed_model, data, None, run_config(tmp_path / "reuse"))
     assert result.resumed_from == 3
     assert all(torch.equal(uninterrupted[k], v) for k, v in resumed_model.state_dict().items())
+
+
+def test_trainer_with_reuse_resumes_from_mid_period_to_the_same_weights(tmp_path):
+    """5 steps, evaluations at steps 0, 2 and 4, a checkpoint after step 3: step 4 (index 3) uses
+    step 2's gradient, which must come back from the checkpoint."""
+    from transformers import TrainingArguments
+
+    data = toy_dataset(48, seed=1)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=5,
+                             save_strategy="steps", save_steps=3, logging_steps=1, report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0, learning_rate=1e-2)
+    options = dict(hankel_weight=1.0, hankel_every=2, hankel_reuse=True)
+    model = tiny_model().float()
+    S4DSSTrainer(model=model, args=args, train_dataset=data, **options).train()
+    checkpoint = tmp_path / "t" / "checkpoint-3"
+    assert (checkpoint / "hankel_term.pt").exists()
+    resumed_model = tiny_model().float()
+    S4DSSTrainer(model=resumed_model, args=args, train_dataset=data, **options).train(
+        resume_from_checkpoint=str(checkpoint))
+    expected, actual = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 def test_trainer_with_reuse_logs_only_evaluations(tmp_path):

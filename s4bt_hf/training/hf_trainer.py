@@ -26,13 +26,15 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 
 from ..compression_report import CompressionReport
 from ..optimization import ssm_param_groups
 from .accelerate_trainer import NonFiniteLossError
 from .hankel_term import HankelTerm
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
+
+HANKEL_TERM_FILE = "hankel_term.pt"  # `HankelTerm.state_dict()` in a checkpoint of a `hankel_reuse` run
 
 # Optimizer kwargs with which `get_optimizer_cls_and_kwargs` says that the optimizer builds its own
 # parameter groups (GaLore/Apollo: "params", LOMO: "model", layer-wise: "optimizer_dict").
@@ -63,8 +65,7 @@ class S4DSSTrainer(Trainer):
         hankel_every (`int`, default 1).
         hankel_reuse (`bool`, default False): with `hankel_every` > 1, weight hankel_weight and the
             last evaluated gradient applied on the steps in between (`HankelTerm`). The kept
-            gradient is not saved in checkpoints: a resumed run evaluates the penalty afresh on its
-            first step (the Accelerate loop's `TrainingConfig` saves it).
+            gradient is saved in every checkpoint (`hankel_term.pt`) and read back on resume.
         reduction (`ReductionSchedule`): reduce every DSS layer during training (adds a
             `ReductionCallback`); a checkpoint written after the reduction resumes into the
             original model (`resume_from_checkpoint`), which is resized first.
@@ -130,9 +131,22 @@ class S4DSSTrainer(Trainer):
             self._task_losses, self._penalties = [], []
         super().log(logs, start_time)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint, plus the Hankel term's kept gradient (with `hankel_reuse`)."""
+        super()._save_checkpoint(model, trial)
+        if self._hankel.reuse and self._hankel.active and self.args.should_save:
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
+            if os.path.isdir(folder):
+                torch.save(self._hankel.state_dict(), os.path.join(folder, HANKEL_TERM_FILE))
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume: a checkpoint written after a scheduled reduction holds a smaller model; the
-        model is resized (and given the checkpoint's compression report) before loading it."""
+        model is resized (and given the checkpoint's compression report) before loading it. The
+        Hankel term's kept gradient is read back (a checkpoint without it: evaluated afresh)."""
+        hankel_state = os.path.join(resume_from_checkpoint, HANKEL_TERM_FILE)
+        if self._hankel.reuse and os.path.isfile(hankel_state):
+            self._hankel.load_state_dict(torch.load(hankel_state, map_location="cpu", weights_only=True))
         target = self._s4dss_model(self.model if model is None else model)
         config_path = os.path.join(resume_from_checkpoint, "config.json")
         if os.path.isfile(config_path) and hasattr(target.config, "layer_d_states"):
