@@ -47,6 +47,7 @@ from .data import TaskInfo, load_task, task_info
 from .data.collate import PadCollator
 from .model_card import render_model_card
 from .modeling_s4dss import S4DSSForSequenceClassification
+from .reduction_methods import REDUCTION_METHODS
 from .training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
 
 STAGES_DIR = "stages"
@@ -99,6 +100,8 @@ class CompressionAware:
         rank-`selection_rank` reduction has the best validation accuracy among those whose
         original is within `tolerance` of the unregularised original's validation accuracy (if
         none is, the λ with the best original);
+        The same originals are also reduced by each of `other_methods` (`REDUCTION_METHODS`),
+        without retraining, for comparison; λ is chosen with balanced truncation only.
     (b) reduction during training (`ReductionSchedule(at=reduce_at, rank=r)`): a new N-mode model
         of each seed trained for as many epochs as the BT arm's pre-training and main training
         together, reduced to rank r after the fraction `reduce_at` of the run.
@@ -107,6 +110,7 @@ class CompressionAware:
     hankel_weights: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     hankel_every: int = 4
     hankel_reuse: bool = True  # the regularisation of every step at the cost of one in `hankel_every`
+    other_methods: tuple[str, ...] = ("singular_perturbation",)
     selection_rank: int | None = None  # None: the middle of the ranks (8 of 2, 4, 8, 16)
     tolerance: float = 0.01
     reduce_at: float = 0.1
@@ -121,6 +125,13 @@ class CompressionAware:
             raise ValueError(f"CompressionAware: `hankel_every` must be an int >= 1, got {self.hankel_every!r}.")
         if not isinstance(self.hankel_reuse, bool):
             raise ValueError(f"CompressionAware: `hankel_reuse` must be True or False, got {self.hankel_reuse!r}.")
+        methods = tuple(self.other_methods)
+        unknown = [method for method in methods if method not in REDUCTION_METHODS or method == "balanced_truncation"]
+        if unknown:
+            raise ValueError(f"CompressionAware: `other_methods` must name reduction methods other than balanced "
+                             f"truncation ({', '.join(m for m in REDUCTION_METHODS if m != 'balanced_truncation')}), "
+                             f"got {unknown!r}.")
+        object.__setattr__(self, "other_methods", methods)
         if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance <= 1):
             raise ValueError(f"CompressionAware: `tolerance` must be in [0, 1], got {self.tolerance!r}.")
         if not (isinstance(self.reduce_at, float) and 0 < self.reduce_at < 1):
@@ -355,11 +366,14 @@ def _train_equal_total_baselines(experiment: _Experiment) -> list[dict]:
 
 
 def _hankel_reduce(experiment: _Experiment, seed: int, epochs: int, weight: float, original: dict,
-                   rank: int) -> dict:
-    """A Hankel-regularised original reduced to `rank`, not retrained: validation and test accuracy."""
-    config = {"original": os.path.basename(original["folder"]), "rank": rank, "method": "balanced_truncation"}
-    return experiment.stage(f"hankel-reduce-s{seed}-e{epochs}-w{weight:g}-r{rank}", config, _compress,
-                            experiment=experiment, original=original, rank=rank, with_validation=True)
+                   rank: int, method: str = "balanced_truncation") -> dict:
+    """A Hankel-regularised original reduced to `rank` by `method`, not retrained: validation and
+    test accuracy."""
+    config = {"original": os.path.basename(original["folder"]), "rank": rank, "method": method}
+    suffix = "" if method == "balanced_truncation" else f"-{method}"  # balanced truncation keeps its stage names
+    return experiment.stage(f"hankel-reduce-s{seed}-e{epochs}-w{weight:g}-r{rank}{suffix}", config, _compress,
+                            experiment=experiment, original=original, rank=rank, with_validation=True,
+                            method=method)
 
 
 def choose_hankel_weight(grid: list[dict], reference_accuracy: float, tolerance: float) -> float:
@@ -394,7 +408,7 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
                  "unregularised_validation_accuracy": reference["validation_accuracy"], "grid": grid,
                  "chosen_weight": chosen}
     experiment.log(f"hankel weight chosen on validation: {chosen:g} (grid {grid})")
-    rows, models = [], []
+    rows, other_rows, models = [], [], []
     for (seed, epochs), plain in zip(budget.originals, originals, strict=True):
         original = _pretrain(experiment, seed, epochs, chosen, settings.hankel_every, settings.hankel_reuse)
         models.append({"seed": seed, "epochs": epochs, "hankel_weight": chosen,
@@ -402,14 +416,18 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
                        "test_accuracy": original["test_accuracy"],
                        "unregularised_test_accuracy": plain["test_accuracy"]})
         for rank in budget.ranks:
-            reduced = _hankel_reduce(experiment, seed, epochs, chosen, original, rank)
-            rows.append({"seed": seed, "pretrain_epochs": epochs, "rank": rank, "hankel_weight": chosen,
-                         "original_test_accuracy": original["test_accuracy"],
-                         "reduced_test_accuracy": reduced["test_accuracy"],
-                         "keep_ratio": reduced["test_accuracy"] / original["test_accuracy"]
-                         if original["test_accuracy"] > 0 else None,
-                         "hsv": reduced["hsv"]})
-    return {"selection": selection, "rows": rows, "originals": models}
+            for method in ("balanced_truncation", *settings.other_methods):
+                reduced = _hankel_reduce(experiment, seed, epochs, chosen, original, rank, method)
+                row = {"seed": seed, "pretrain_epochs": epochs, "rank": rank, "hankel_weight": chosen,
+                       "original_test_accuracy": original["test_accuracy"],
+                       "reduced_test_accuracy": reduced["test_accuracy"],
+                       "keep_ratio": reduced["test_accuracy"] / original["test_accuracy"]
+                       if original["test_accuracy"] > 0 else None}
+                if method == "balanced_truncation":
+                    rows.append({**row, "hsv": reduced["hsv"]})
+                else:
+                    other_rows.append({**row, "method": method})
+    return {"selection": selection, "rows": rows, "other_rows": other_rows, "originals": models}
 
 
 def _in_training_arm(experiment: _Experiment, settings: CompressionAware) -> list[dict]:
@@ -443,11 +461,12 @@ def _check_budget(budget: Budget, compression_aware: CompressionAware | None = N
                          f"{compression_aware.selection_rank}")
 
 
-def _compress(folder: str, experiment: _Experiment, original: dict, rank: int, with_validation: bool = False) -> dict:
-    """Balanced truncation of a trained original to `rank`, tested without retraining (and
-    validated, for choices made on the validation split)."""
+def _compress(folder: str, experiment: _Experiment, original: dict, rank: int, with_validation: bool = False,
+              method: str = "balanced_truncation") -> dict:
+    """Balanced truncation (or another `method`) of a trained original to `rank`, tested without
+    retraining (and validated, for choices made on the validation split)."""
     model = S4DSSForSequenceClassification.from_pretrained(original["model"], dtype=torch.float32)
-    compressed = model.reduce(method="balanced_truncation", rank=rank)
+    compressed = model.reduce(method=method, rank=rank)
     path = os.path.join(folder, "model")
     if os.path.exists(path):  # a half-written model from an interrupted run
         shutil.rmtree(path)
@@ -539,6 +558,12 @@ def _summarise_compression_aware(results: dict, settings: CompressionAware, hank
         entry["hankel_original"] = _mean_std([row["original_test_accuracy"] for row in mine])
         entry["hankel_reduced"] = _mean_std([row["reduced_test_accuracy"] for row in mine])
         entry["hankel_keep_ratio"] = _mean_std(ratios) if ratios else None
+        for method in settings.other_methods:
+            others = [row for row in hankel["other_rows"] if row["rank"] == rank and row["method"] == method]
+            other_ratios = [row["keep_ratio"] for row in others if row["keep_ratio"] is not None]
+            entry.setdefault("hankel_other_methods", {})[method] = {
+                "reduced": _mean_std([row["reduced_test_accuracy"] for row in others]),
+                "keep_ratio": _mean_std(other_ratios) if other_ratios else None}
         entry["reduced_during_training"] = _mean_std([row["test_accuracy"] for row in during])
         entry["reduced_during_training_ssm_parameters"] = during[0]["ssm_parameters"]
     results["compression_aware"] = {
@@ -546,6 +571,7 @@ def _summarise_compression_aware(results: dict, settings: CompressionAware, hank
         "hankel_selection": hankel["selection"],
         "hankel_original_models": hankel["originals"],
         "hankel_runs": [{key: value for key, value in row.items() if key != "hsv"} for row in hankel["rows"]],
+        "hankel_other_method_runs": hankel["other_rows"],
         "in_training_runs": in_training,
     }
 
@@ -591,21 +617,27 @@ def compression_aware_table(results: dict) -> str:
     selection, settings = aware["hankel_selection"], aware["settings"]
     weight = selection["chosen_weight"]
     reuse = ", its gradient reused in between" if settings.get("hankel_reuse") else ""
+    other_methods = settings.get("other_methods", ())  # absent in results of older runs
     lines = [
         f"Compression-aware arms (test accuracy in %, same seeds and recipe). Hankel penalty λ = {weight:g} "
-        f"(every {settings['hankel_every']} steps{reuse}), its originals reduced by balanced truncation WITHOUT "
+        f"(every {settings['hankel_every']} steps{reuse}), its originals reduced by balanced truncation"
+        + "".join(f" and by {method}" for method in other_methods) + " WITHOUT "
         f"retraining; reduction during training after {100 * settings['reduce_at']:g} % of a run as long as the BT "
         "arm's pre-training and main training together.",
         "",
         f"| rank | original (N = {results['settings']['d_state']}) | truncated, no retraining | BT + retraining "
-        "| Hankel-regularised original | its truncation, no retraining | accuracy kept | reduced during training |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Hankel-regularised original | its truncation, no retraining | accuracy kept | reduced during training "
+        + "".join(f"| by {method}, no retraining | kept " for method in other_methods) + "|",
+        "|---|---|---|---|---|---|---|---|" + "---|---|" * len(other_methods),
     ]
     for entry in results["per_rank"]:
+        others = entry.get("hankel_other_methods", {})
         lines.append(
             f"| {entry['rank']} | {cell(entry['original'])} | {cell(entry['truncated'])} | "
             f"{cell(entry['bt_retrained'])} | {cell(entry['hankel_original'])} | {cell(entry['hankel_reduced'])} | "
-            f"{cell(entry['hankel_keep_ratio'])} | {cell(entry['reduced_during_training'])} |")
+            f"{cell(entry['hankel_keep_ratio'])} | {cell(entry['reduced_during_training'])} |"
+            + "".join(f" {cell(others[method]['reduced'])} | {cell(others[method]['keep_ratio'])} |"
+                      for method in other_methods))
     grid = "; ".join(
         f"λ = {row['weight']:g}: original {100 * row['original_validation_accuracy']:.1f}, rank "
         f"{selection['rank']} {100 * row['reduced_validation_accuracy']:.1f}"

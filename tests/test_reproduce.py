@@ -177,6 +177,7 @@ def test_hankel_weight_is_chosen_on_validation_only():
     ({"hankel_weights": ()}, "hankel_weights"), ({"hankel_weights": (0.1, -1.0)}, "hankel_weights"),
     ({"hankel_weights": (float("nan"),)}, "hankel_weights"), ({"hankel_every": 0}, "hankel_every"),
     ({"reduce_at": 1.0}, "reduce_at"), ({"tolerance": -0.1}, "tolerance"), ({"hankel_reuse": 1}, "hankel_reuse"),
+    ({"other_methods": ("balanced_truncation",)}, "other_methods"), ({"other_methods": ("svd",)}, "other_methods"),
 ])
 def test_bad_compression_aware_settings(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -225,6 +226,13 @@ def test_compression_aware_arms_reuse_the_cached_originals(experiment):
             assert json.loads((best / "config.json").read_text())["d_state"] == rank
     runs = aware["compression_aware"]["hankel_runs"]
     assert len(runs) == 1 and len(aware["compression_aware"]["in_training_runs"]) == 1
+    # the same regularised originals reduced by singular perturbation too, in stages of their own
+    others = aware["compression_aware"]["hankel_other_method_runs"]
+    assert [(row["method"], row["rank"]) for row in others] == [("singular_perturbation", 2)]
+    sp_stage = configs["hankel-reduce-s0-e2-w" + f"{chosen:g}" + "-r2-singular_perturbation"]
+    assert sp_stage["method"] == "singular_perturbation" and sp_stage["rank"] == 2
+    assert others[0]["original_test_accuracy"] == runs[0]["original_test_accuracy"]
+    assert "by singular_perturbation" in (output / "results.md").read_text()
     for row in runs:
         assert row["keep_ratio"] == pytest.approx(row["reduced_test_accuracy"] / row["original_test_accuracy"])
     for entry in aware["per_rank"]:
