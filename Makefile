@@ -26,9 +26,9 @@ test: lint
 reproduce: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --output runs/reproduce
 
-# The same experiment plus the compression-aware arms (Hankel-regularised originals truncated without
+# The same experiment plus the compression-aware arms (Hankel-regularised originals reduced without
 # retraining, reduction during training); reuses the finished stages of `make reproduce`; about 50 more
-# epochs of training (estimated 30 min on 2 idle CPU cores; far longer on a shared machine).
+# epochs of training (about 20 more minutes on a quiet 2-core machine; far longer on a shared one).
 reproduce-compression-aware: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --output runs/reproduce --compression-aware
 
