@@ -160,3 +160,13 @@ def test_trainer_with_reuse_logs_only_evaluations(tmp_path):
         S4DSSTrainer(model=tiny_model(), args=args, hankel_reuse="yes")
     with pytest.raises(TypeError, match="hankel_reuse"):
         TrainingConfig(output_dir="x", hankel_reuse=1)
+
+
+def test_reuse_with_every_ssm_parameter_frozen_falls_back_to_the_plain_rule():
+    model = tiny_model()
+    for parameter in penalised_parameters(model):
+        parameter.requires_grad_(False)
+    hankel = HankelTerm(0.5, every=2, reuse=True)
+    term, value = hankel.loss_term(model, 0)
+    assert term.item() == pytest.approx(1.0 * value, rel=1e-12) and not term.requires_grad
+    assert hankel.loss_term(model, 1) == (None, None)

@@ -48,12 +48,12 @@ class HankelTerm:
         if not self.active:
             return None, None
         due = step % self.every == 0
-        if not self.reuse:
+        parameters = penalised_parameters(model) if self.reuse else []
+        if not parameters:  # no reuse (or nothing trainable for a gradient to reach): the plain rule
             if not due:
                 return None, None
             penalty = hankel_penalty(model)
             return (self.weight * self.every) * penalty, penalty.item()
-        parameters = penalised_parameters(model)
         fresh = None
         if due or not self._fits(parameters):
             penalty = hankel_penalty(model)
@@ -67,7 +67,7 @@ class HankelTerm:
     def _surrogate(self, parameters) -> torch.Tensor:
         """Value Σσ(θ₀), gradient g: Σσ(θ₀) + ⟨g, θ⟩ − ⟨g, θ⟩ (the last two: one with, one without
         autograd). At an evaluation step θ = θ₀ and this is the penalty's own first-order term."""
-        linear = sum((parameter * gradient.to(parameter.dtype)).sum()
+        linear = sum((parameter * gradient.to(device=parameter.device, dtype=parameter.dtype)).sum()
                      for parameter, gradient in zip(parameters, self.gradients, strict=True))
         return linear - linear.detach() + self.value
 
