@@ -54,6 +54,11 @@ def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
                                    ("reduced_during_training", "reduced during training", "v")):
             axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
                           yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
+        for method in entries[0].get("hankel_other_methods", {}):
+            stats = [entry["hankel_other_methods"][method]["reduced"] for entry in entries]
+            axis.errorbar(params, [100 * stat["mean"] for stat in stats], yerr=[100 * stat["std"] for stat in stats],
+                          marker="d", capsize=3, linestyle=":",
+                          label=f"Hankel-regularised, {method.replace('_', ' ')}, no retraining")
     longer = [entry for entry in entries if entry.get("skew_hippo_equal_total_epochs")]
     if longer:
         axis.errorbar([entry["ssm_parameters"] for entry in longer],
