@@ -360,10 +360,10 @@ def _training_step(run: _Run, batch) -> None:
         loss_value = loss.detach().float().item()  # one sync per micro-batch, as the running loss needs
         term, penalty_value = _hankel_term(run)
         if term is not None:
-            term_value = term.item()
             # `accelerator.backward` divides by the accumulation steps; the term is added once per optimizer step
             loss = loss + (run.config.gradient_accumulation_steps * term).to(loss.dtype)
-        if _nonfinite_anywhere(accelerator, loss_value if term is None else loss_value + term_value):
+        # Σσ is checked when it is evaluated (a reused term holds that value): no host sync on the other steps
+        if _nonfinite_anywhere(accelerator, loss_value if penalty_value is None else loss_value + penalty_value):
             _on_nonfinite_loss(run, loss_value)
             optimizer.zero_grad()  # acts at the window's end only: drops the unsynchronised partial sums
             return

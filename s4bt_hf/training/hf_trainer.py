@@ -76,8 +76,7 @@ class S4DSSTrainer(Trainer):
         _check_hankel_options(hankel_weight, hankel_every, hankel_reuse)
         reduction = ReductionSchedule.coerce(reduction)
         super().__init__(*args, **kwargs)
-        self.hankel_weight, self.hankel_every = float(hankel_weight), int(hankel_every)
-        self._hankel = HankelTerm(self.hankel_weight, self.hankel_every, hankel_reuse)
+        self._hankel = HankelTerm(float(hankel_weight), int(hankel_every), hankel_reuse)
         self._hankel_step = None  # the optimizer step whose penalty term was added
         self._task_losses, self._penalties = [], []
         if self.model is not None and (self.optimizer is None or hankel_weight > 0 or reduction is not None):
@@ -89,11 +88,19 @@ class S4DSSTrainer(Trainer):
                                  "best checkpoint may hold the model before its reduction, of another size).")
             self.add_callback(ReductionCallback(reduction))
 
+    @property
+    def hankel_weight(self) -> float:
+        return self._hankel.weight
+
+    @property
+    def hankel_every(self) -> int:
+        return self._hankel.every
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss, plus the weighted Hankel penalty when it is due (training only)."""
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        if self.hankel_weight == 0 or not model.training:
+        if not self._hankel.active or not model.training:
             return result
         loss = result[0] if return_outputs else result
         self._task_losses.append(loss.detach().float().item())
