@@ -37,8 +37,8 @@ from bench_common import log
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, hankel_penalty, ssm_param_groups
 from s4bt_hf.balanced_truncation import real_gram, symmetric_hankel_product
 from s4bt_hf.diagonal_system import gramian_kernel
-from s4bt_hf.hankel_penalty import channel_systems, dss_kernels
-from s4bt_hf.reproduce import default_budgets
+from s4bt_hf.experiments.reproduce import default_budgets
+from s4bt_hf.training.hankel_penalty import channel_systems, dss_kernels
 from s4bt_hf.training.hankel_term import HankelTerm
 
 TARGET_PERCENT = 30.0

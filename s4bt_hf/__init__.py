@@ -9,14 +9,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .compression_report import CompressionReport, LayerCompression
 from .configuration_s4dss import S4DSSConfig
-from .hankel_penalty import hankel_penalty
 from .modeling_s4dss import (
     S4DSSForSequenceClassification,
     S4DSSModel,
     S4DSSPreTrainedModel,
     S4DSSStreamingState,
 )
-from .optimization import ssm_param_groups
 
 __version__ = "0.1.0"
 
@@ -27,6 +25,21 @@ AutoModelForSequenceClassification.register(S4DSSConfig, S4DSSForSequenceClassif
 S4DSSConfig.register_for_auto_class()
 S4DSSModel.register_for_auto_class("AutoModel")
 S4DSSForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+def __getattr__(name):
+    # Training helpers live in `s4bt_hf.training`; importing them lazily keeps `import s4bt_hf`
+    # free of accelerate (the top level is the model a checkpoint carries).
+    if name == "hankel_penalty":
+        from .training.hankel_penalty import hankel_penalty
+
+        return hankel_penalty
+    if name == "ssm_param_groups":
+        from .training.optimization import ssm_param_groups
+
+        return ssm_param_groups
+    raise AttributeError(f"module 's4bt_hf' has no attribute {name!r}")
+
 
 __all__ = [
     "CompressionReport",

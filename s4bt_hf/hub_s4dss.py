@@ -16,6 +16,32 @@ from transformers.utils import cached_file
 from .compression_report import REPORT_FILE, CompressionReport
 from .model_card import is_generated_card, render_model_card
 
+# The modules `save_pretrained` copies into every checkpoint (the model's class and what it imports,
+# transitively): exactly the top level of `s4bt_hf/`. Applications live in subpackages (`cli/`,
+# `experiments/`, `export/`, `training/`, `data/`, `metrics/`) and never travel with a checkpoint.
+# `tests/test_layout.py` checks this list against a saved folder and the package's files.
+REMOTE_CODE_MODULES = (
+    "configuration_s4dss",
+    "modeling_s4dss",
+    "kernel_s4dss",
+    "initialization_s4dss",
+    "validation_s4dss",
+    "streaming_real",
+    "hub_s4dss",
+    "model_card",
+    "compression_report",
+    # the reduction path and its methods
+    "compression",
+    "diagonal_system",
+    "reduction_methods",
+    "balanced_truncation",
+    "singular_perturbation",
+    "modal_truncation",
+    "h2_reduction",
+    "refit",
+    "rank_budget",
+)
+
 AUTO_MAP = {
     "AutoConfig": "configuration_s4dss.S4DSSConfig",
     "AutoModel": "modeling_s4dss.S4DSSModel",

@@ -144,7 +144,7 @@ def test_bad_export_arguments_are_refused_before_anything_is_written(tmp_path, m
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
-    import s4bt_hf.export as export_module
+    import s4bt_hf.export.exporter as export_module
 
     def broken_check(*args):
         raise RuntimeError("simulated failure after the graph was written")

@@ -13,7 +13,7 @@ import torch
 
 import s4bt_hf
 from s4bt_hf.balanced_truncation import apply_siso_symmetrizer, reachability_gramian
-from s4bt_hf.hankel_penalty import (
+from s4bt_hf.training.hankel_penalty import (
     HankelNuclearNorm,
     _apply_symmetrizer,
     channel_hankel_nuclear_norms,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from s4bt_hf import CompressionReport, S4DSSConfig, S4DSSForSequenceClassification
-from s4bt_hf.compare_reductions import compare_reductions, originals_of_reproduce
 from s4bt_hf.compression_report import LayerCompression
+from s4bt_hf.experiments.compare_reductions import compare_reductions, originals_of_reproduce
 from s4bt_hf.reduction_methods import REDUCTION_METHODS
 
 

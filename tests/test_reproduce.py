@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-import s4bt_hf.reproduce as reproduce_module
-from s4bt_hf.reproduce import (
+import s4bt_hf.experiments.reproduce as reproduce_module
+from s4bt_hf.experiments.reproduce import (
     Budget,
     CompressionAware,
     choose_hankel_weight,

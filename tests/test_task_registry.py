@@ -12,7 +12,7 @@ from s4bt_hf import S4DSSConfig
 from s4bt_hf.cli import main as cli_main
 from s4bt_hf.configuration_s4dss import NORMS, POOLINGS, SSM_INITS
 from s4bt_hf.data import TASK_INFOS, TaskInfo, TaskOption, load_task, task_info
-from s4bt_hf.reproduce import default_budgets
+from s4bt_hf.experiments.reproduce import default_budgets
 
 
 def toy(size: int = 20, seed: int = 0) -> datasets.DatasetDict:

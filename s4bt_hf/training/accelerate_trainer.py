@@ -33,10 +33,10 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from ..compression_report import CompressionReport
-from ..hankel_penalty import dss_kernels
-from ..optimization import ssm_param_groups
 from .evaluation import evaluation_metrics
+from .hankel_penalty import dss_kernels
 from .hankel_term import HankelTerm
+from .optimization import ssm_param_groups
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 RUN_CONFIG_FILE = "run_config.json"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hankel_penalty import dss_kernels, hankel_penalty
+from .hankel_penalty import dss_kernels, hankel_penalty
 
 # the parameters Σσ depends on, per DSS kernel
 PENALISED_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "B", "C")

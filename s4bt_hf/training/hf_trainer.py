@@ -29,9 +29,9 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 
 from ..compression_report import CompressionReport
-from ..optimization import ssm_param_groups
 from .accelerate_trainer import NonFiniteLossError
 from .hankel_term import HankelTerm
+from .optimization import ssm_param_groups
 from .reduction_schedule import ReductionSchedule, reduce_during_training, resize_dss_layers, swap_optimizer_parameters
 
 HANKEL_TERM_FILE = "hankel_term.pt"  # `HankelTerm.state_dict()` in a checkpoint of a `hankel_reuse` run

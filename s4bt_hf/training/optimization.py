@@ -7,7 +7,7 @@ import math
 
 from torch import nn
 
-from .modeling_s4dss import SSM_DYNAMICS_PARAMETER_NAMES
+from ..modeling_s4dss import SSM_DYNAMICS_PARAMETER_NAMES
 
 
 def ssm_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -12,11 +12,11 @@ import time
 
 import torch
 
-from .data import load_task, task_info
-from .data.collate import PadCollator
-from .modeling_s4dss import S4DSSForSequenceClassification
-from .reduction_methods import REDUCTION_METHODS
-from .training import evaluate_dataset
+from ..data import load_task, task_info
+from ..data.collate import PadCollator
+from ..modeling_s4dss import S4DSSForSequenceClassification
+from ..reduction_methods import REDUCTION_METHODS
+from ..training import evaluate_dataset
 
 # (label, method, options): modal truncation is shown twice, with and without the DC gain kept
 DEFAULT_VARIANTS = (

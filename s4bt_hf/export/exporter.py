@@ -10,8 +10,8 @@ state passed in and returned explicitly (see `streaming_real.py`). The output fo
     export.json               inputs, outputs and states: names, shapes, dtypes; checks; file sizes
     README.md, config.json    the model card and configuration of the exported model
 
-`load_exported(folder)` runs an exported folder from Python and checks every input against
-export.json. Not part of the remote code of checkpoints (modeling_s4dss.py does not import it).
+`load_exported(folder)` (loader.py) runs an exported folder from Python. Not part of the remote code
+of checkpoints (modeling_s4dss.py does not import it).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
             layers by onnxruntime; the SSM recurrence stays in float32.
     Returns: the description written to export.json.
     """
-    from .modeling_s4dss import S4DSSPreTrainedModel
+    from ..modeling_s4dss import S4DSSPreTrainedModel
 
     if not isinstance(model, S4DSSPreTrainedModel):
         raise TypeError(f"`model` must be an S4-DSS model (S4DSSPreTrainedModel), got {type(model).__name__}.")
@@ -244,6 +244,8 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
 
 def _check_against_eager(model, module, folder: str, description: dict) -> dict:
     """Run the exported graph(s) for CHECK_STEPS steps on random inputs next to `streaming_step`."""
+    from .loader import ExportedStreamingModel  # loader imports this module's constants
+
     generator = torch.Generator().manual_seed(0)
     batch = 1 if description["format"] == "executorch" else 2
     if module.uses_tokens:
@@ -271,7 +273,7 @@ def _check_against_eager(model, module, folder: str, description: dict) -> dict:
 
 
 def _write_card_and_config(model, folder: str, description: dict) -> None:
-    from .model_card import render_model_card
+    from ..model_card import render_model_card
 
     model.config.to_json_file(os.path.join(folder, "config.json"))
     card = render_model_card(model)
@@ -290,102 +292,3 @@ def _write_card_and_config(model, folder: str, description: dict) -> None:
     )
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
-
-
-class ExportedStreamingModel:
-    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`,
-    the ExecuTorch runtime for `.pte`.
-    Every input is checked against export.json before it reaches the runtime.
-
-        runner = load_exported("exported/")            # or load_exported(folder, int8=True)
-        state = runner.initial_state(batch_size=1)
-        for x_t in sequence:
-            output, state = runner.step(x_t, state)
-    """
-
-    def __init__(self, folder: str, description: dict, graph: str):
-        self.folder = folder
-        self.description = description
-        self.graph = graph
-        self.inputs = description["inputs"]
-        path = os.path.join(folder, graph)
-        self.session = self._program = self._method = None
-        if graph.endswith(".onnx"):
-            require_export_dependencies(("onnxruntime",))
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 1  # one position per call: threads only add overhead
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        elif graph.endswith(".pte"):
-            require_export_dependencies(("executorch",), "Running an ExecuTorch program", EXECUTORCH_EXTRA)
-            from executorch.runtime import Runtime
-
-            self._method = Runtime.get().load_program(path).load_method("forward")
-        else:
-            self._program = torch.export.load(path).module()
-
-    def initial_state(self, batch_size: int) -> list:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        states = []
-        for entry in self.inputs[1:]:
-            shape = (batch_size, *entry["shape"][1:])
-            tensor = torch.zeros(shape, dtype=getattr(torch, entry["dtype"]))
-            states.append(tensor.numpy() if self.session is not None else tensor)
-        return states
-
-    def _check(self, values) -> int:
-        if len(values) != len(self.inputs):
-            raise ValueError(f"The exported step takes {len(self.inputs)} tensors (inputs and "
-                             f"{len(self.inputs) - 1} states, see {DESCRIPTION_FILE}), got {len(values)}.")
-        batch = None
-        for entry, value in zip(self.inputs, values, strict=True):
-            shape = tuple(getattr(value, "shape", ()))
-            dtype = str(getattr(value, "dtype", type(value).__name__)).removeprefix("torch.")
-            expected = tuple(entry["shape"])
-            batch = shape[0] if batch is None and shape else batch
-            wanted = (expected[0] if isinstance(expected[0], int) else batch, *expected[1:])
-            if len(shape) != len(expected) or shape != wanted or dtype != entry["dtype"]:
-                raise ValueError(
-                    f"`{entry['name']}` must be {entry['dtype']} of shape {expected} with batch {batch} "
-                    f"({entry['meaning']}; see {DESCRIPTION_FILE}), got {dtype} of shape {shape}."
-                )
-        return batch
-
-    def step(self, inputs, state):
-        """One position: `inputs` and the state list -> (output, new state list)."""
-        values = [inputs, *state]
-        self._check(values)
-        if self.session is not None:
-            feed = {entry["name"]: (value.numpy() if isinstance(value, torch.Tensor) else value)
-                    for entry, value in zip(self.inputs, values, strict=True)}
-            output, *new_state = self.session.run(None, feed)
-        elif self._method is not None:
-            output, *new_state = self._method.execute([torch.as_tensor(value) for value in values])
-        else:
-            with torch.no_grad():
-                output, *new_state = self._program(*[torch.as_tensor(value) for value in values])
-        return output, new_state
-
-    def run(self, sequence):
-        """Stream a whole (L, B, ...) sequence from the zero state; returns the (L, B, ...) outputs."""
-        state = self.initial_state(int(sequence.shape[1]))
-        outputs = []
-        for position in sequence:
-            output, state = self.step(position, state)
-            outputs.append(torch.as_tensor(output))
-        return torch.stack(outputs)
-
-
-def load_exported(folder, *, int8: bool = False) -> ExportedStreamingModel:
-    """Open a folder written by `export_model` (its int8 graph with `int8=True`)."""
-    path = os.path.join(os.fspath(folder), DESCRIPTION_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} holds no {DESCRIPTION_FILE}: not a folder written by `export_model`.")
-    with open(path, encoding="utf-8") as handle:
-        description = json.load(handle)
-    graph = description["int8_graph"] if int8 else description["graph"]
-    if graph is None:
-        raise ValueError(f"{folder} holds no int8 graph: export with `int8=True` (`--int8`).")
-    return ExportedStreamingModel(os.fspath(folder), description, graph)

@@ -43,15 +43,15 @@ import contextlib
 
 import torch
 
-from .balanced_truncation import (
+from ..balanced_truncation import (
     CONTINUOUS,
     DISCRETE,
     TIME_DOMAINS,
     psd_factor,
     real_gram,
 )
-from .diagonal_system import gramian_kernel
-from .kernel_s4dss import zoh_discretize
+from ..diagonal_system import gramian_kernel
+from ..kernel_s4dss import zoh_discretize
 
 
 def hankel_penalty(model, time: str = DISCRETE) -> torch.Tensor:

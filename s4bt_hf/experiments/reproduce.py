@@ -41,14 +41,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .compression import ssm_parameter_count
-from .configuration_s4dss import S4DSSConfig
-from .data import TaskInfo, load_task, task_info
-from .data.collate import PadCollator
-from .model_card import render_model_card
-from .modeling_s4dss import S4DSSForSequenceClassification
-from .reduction_methods import REDUCTION_METHODS
-from .training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
+from ..compression import ssm_parameter_count
+from ..configuration_s4dss import S4DSSConfig
+from ..data import TaskInfo, load_task, task_info
+from ..data.collate import PadCollator
+from ..model_card import render_model_card
+from ..modeling_s4dss import S4DSSForSequenceClassification
+from ..reduction_methods import REDUCTION_METHODS
+from ..training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
 
 STAGES_DIR = "stages"
 

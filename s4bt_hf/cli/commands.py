@@ -19,7 +19,10 @@ import os
 import re
 import sys
 
-from .cli_types import (
+from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
+from ..data import TASK_INFOS
+from ..reduction_methods import REDUCTION_METHODS
+from .arg_types import (
     method_option,
     nonnegative_float,
     nonnegative_int,
@@ -29,9 +32,6 @@ from .cli_types import (
     unit_interval_closed,
     unit_interval_open_right,
 )
-from .configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
-from .data import TASK_INFOS
-from .reduction_methods import REDUCTION_METHODS
 
 # Everything task-specific comes from the task registry (`s4bt_hf.data.TASK_INFOS`), read when the
 # parser is built: a registered task gets its name, data options and budgets on the command line.
@@ -233,7 +233,7 @@ def _fraction_or_step(text: str):
 
 def reduction_schedule(args):
     """The `ReductionSchedule` of the `--reduce-*` options, or None."""
-    from .training import ReductionSchedule
+    from ..training import ReductionSchedule
 
     sizes = (args.reduce_tol, args.reduce_rank, args.reduce_budget)
     if args.reduce_at is None:
@@ -253,7 +253,7 @@ def reduction_schedule(args):
 
 def load_data(args):
     """The task's splits from its builder options on the command line (`TaskInfo.options`)."""
-    from .data import load_task, task_info
+    from ..data import load_task, task_info
 
     options = {}
     flags = {}
@@ -318,7 +318,7 @@ def load_model(path: str):
 
 
 def check_model_fits_task(config, task: str) -> None:
-    from .data import task_info
+    from ..data import task_info
 
     info = task_info(task)
     if info.input_kind == "tokens" and not config.uses_tokens:
@@ -337,10 +337,10 @@ def check_model_fits_task(config, task: str) -> None:
 
 
 def command_train(args) -> dict:
-    from .data import task_info
-    from .data.collate import PadCollator
-    from .modeling_s4dss import S4DSSForSequenceClassification
-    from .training import NonFiniteLossError, RunFolderError, TrainingConfig, train
+    from ..data import task_info
+    from ..data.collate import PadCollator
+    from ..modeling_s4dss import S4DSSForSequenceClassification
+    from ..training import NonFiniteLossError, RunFolderError, TrainingConfig, train
 
     info = task_info(args.task)
     if args.init_from:
@@ -403,9 +403,9 @@ def command_compress(args) -> dict:
     model = load_model(args.model)
     calibration = None
     if args.refit_task is not None:
-        from .compare_reductions import calibration_batches
-        from .data import task_info
-        from .data.collate import PadCollator
+        from ..data import task_info
+        from ..data.collate import PadCollator
+        from ..experiments.compare_reductions import calibration_batches
 
         check_model_fits_task(model.config, args.refit_task)
         args.task = args.refit_task
@@ -429,7 +429,7 @@ def command_compress(args) -> dict:
 
 
 def command_compare_reductions(args) -> dict:
-    from .compare_reductions import compare_reductions, originals_of_reproduce
+    from ..experiments.compare_reductions import compare_reductions, originals_of_reproduce
 
     _check_output_folder(args.output)
     if args.reproduce is not None:
@@ -472,9 +472,9 @@ def command_compare_reductions(args) -> dict:
 
 
 def command_evaluate(args) -> dict:
-    from .data import task_info
-    from .data.collate import PadCollator
-    from .training.evaluation import evaluate_dataset
+    from ..data import task_info
+    from ..data.collate import PadCollator
+    from ..training.evaluation import evaluate_dataset
 
     if args.output and os.path.exists(args.output):
         raise CliError(f"{args.output} already exists; choose a new file for the metrics")
@@ -494,7 +494,7 @@ def command_evaluate(args) -> dict:
 
 
 def command_export(args) -> dict:
-    from .export import ExportDependencyError, export_model
+    from ..export import ExportDependencyError, export_model
 
     if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the export")
@@ -511,7 +511,7 @@ def command_export(args) -> dict:
 
 
 def command_reproduce(args) -> dict:
-    from .reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
+    from ..experiments.reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
 
     budgets = default_budgets(args.task)
     if args.budget not in budgets:
@@ -547,7 +547,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from .training import RunFolderError
+    from ..training import RunFolderError
 
     hf_logging.disable_progress_bar()  # our own progress bars only
 
