@@ -24,7 +24,7 @@ from .compression_report import CompressionReport, LayerCompression
 from .diagonal_system import CONTINUOUS, DISCRETE, TIME_DOMAINS, DiagonalSystem, modal_dc_gain
 from .kernel_s4dss import vandermonde_kernel, zoh_discretize
 from .rank_budget import allocate_ranks, modes_for_budget, rank_gains
-from .reduction_methods import resolve_method
+from .reduction_methods import REDUCTION_METHODS, check_method_options
 from .refit import check_calibration_data, refit_output_maps
 
 SSM_PARAMETER_NAMES = ("log_dt", "log_A_real", "A_imag", "B", "C", "D")
@@ -42,11 +42,13 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
     `config.d_state` = the ranks and a `compression_report` attribute. `model` is never
     modified. See `S4DSSPreTrainedModel.reduce` for the arguments."""
     started = clock.perf_counter()
-    reduce_layer = resolve_method(method, method_options)
+    method_options = check_method_options(method, method_options)  # plain, checked values (the report keeps them)
+    reduce_layer = REDUCTION_METHODS[method]
     config = model.config
     layers = model.base_model.layers
     original_states = config.layer_d_states
     _check_arguments(rank, tol, budget, time, kernel_length, workers, original_states)
+    tol, budget, kernel_length = (_plain_number(value) for value in (tol, budget, kernel_length))
     batches = check_calibration_data(model, calibration_data) if calibration_data is not None else None
     systems = [_layer_system(index, layer.kernel, time) for index, layer in enumerate(layers)]
     first_lags = (0, 1) if config.bidirectional else (0,)
@@ -148,6 +150,15 @@ def _check_arguments(rank, tol, budget, time, kernel_length, workers, original_s
             raise TypeError(f"reduce: `rank` must be an int (complex modes per channel), got {value!r}.")
         if not 1 <= value <= states:
             raise ValueError(f"reduce: `rank` must be in [1, d_state={states}] for layer {layer}, got {value}.")
+
+
+def _plain_number(value):
+    """A numpy or other `numbers` scalar as a Python int/float (reports are JSON), None unchanged."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
 
 
 def _layer_system(index: int, kernel, time: str):

@@ -4,7 +4,6 @@ line is parsed, in one line naming the option (argparse adds the option's name).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 
@@ -86,13 +85,9 @@ def rank_budget(text: str):
 
 
 def method_option(text: str):
-    """`--option NAME=VALUE` of a reduction method: the value is read as JSON (true, 20, 0.5),
-    else kept as text."""
+    """`--option NAME=VALUE` of a reduction method: (NAME, VALUE text). The value is read by the
+    option's type once the method is known (`reduction_methods.parse_method_options`)."""
     name, separator, value = text.partition("=")
     if not separator or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return name.strip(), parsed
+    return name.strip(), value

@@ -21,7 +21,7 @@ import sys
 
 from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
 from ..data import TASK_INFOS
-from ..reduction_methods import REDUCTION_METHODS
+from ..reduction_methods import METHOD_OPTIONS, REDUCTION_METHODS, parse_method_options
 from .arg_types import (
     method_option,
     nonnegative_float,
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     aware.add_argument("--reduce-method", default="balanced_truncation", choices=tuple(REDUCTION_METHODS),
                        help="with --reduce-at: the reduction method (default balanced_truncation)")
     aware.add_argument("--reduce-option", action="append", default=[], type=method_option, metavar="NAME=VALUE",
-                       help="with --reduce-at: an option of the method, e.g. match_dc=true; repeatable")
+                       help=f"with --reduce-at: an option of the method ({_options_help()}); repeatable")
     _add_data_options(train)
 
     compress = commands.add_parser("compress", help="reduce a saved model (balanced truncation or another method)",
@@ -129,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model-wide size, split between layers: total complex modes (an integer) or a fraction "
                       "of the SSM parameters (a number in (0, 1])")
     compress.add_argument("--option", action="append", default=[], type=method_option, metavar="NAME=VALUE",
-                          help="an option of the method, e.g. match_dc=true (modal_truncation) or max_iterations=20 "
-                          "(h2); repeatable")
+                          help=f"an option of the method ({_options_help()}); repeatable")
     compress.add_argument("--time", default="discrete", choices=("discrete", "continuous"),
                           help="reduce the discrete-time (default) or continuous-time system of each channel")
     compress.add_argument("--refit-task", choices=tuple(TASK_INFOS),
@@ -202,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options_help() -> str:
+    """The reduction methods' options for --option/--reduce-option help, from their declarations."""
+    return "; ".join(f"{option.name}=<{option.accepted}> ({method}, default {str(option.default).lower()}): "
+                     f"{option.help}" for method, options in METHOD_OPTIONS.items() for option in options)
+
+
 def _add_data_options(parser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the split / generation (default 0)")
@@ -244,9 +249,12 @@ def reduction_schedule(args):
     if all(size is None for size in sizes):
         raise CliError("--reduce-at needs --reduce-tol or --reduce-rank or --reduce-budget (how much to keep)")
     try:
+        options = parse_method_options(args.reduce_method, args.reduce_option)
+    except (TypeError, ValueError) as error:
+        raise CliError(f"--reduce-option: {error}") from error
+    try:
         return ReductionSchedule(at=args.reduce_at, rank=args.reduce_rank, tol=args.reduce_tol,
-                                 budget=args.reduce_budget, method=args.reduce_method,
-                                 options=dict(args.reduce_option))
+                                 budget=args.reduce_budget, method=args.reduce_method, options=options)
     except (TypeError, ValueError) as error:
         raise CliError(str(error).replace("ReductionSchedule: ", "--reduce-")) from error
 
@@ -400,6 +408,10 @@ def command_compress(args) -> dict:
     _check_output_folder(args.output)
     if os.path.exists(args.output) and os.listdir(args.output):
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the compressed model")
+    try:
+        options = parse_method_options(args.method, args.option)
+    except (TypeError, ValueError) as error:
+        raise CliError(f"--option: {error}") from error
     model = load_model(args.model)
     calibration = None
     if args.refit_task is not None:
@@ -412,7 +424,6 @@ def command_compress(args) -> dict:
         splits, _ = load_data(args)
         calibration = calibration_batches(splits["train"], args.refit_samples, 50,
                                           PadCollator(task_info(args.refit_task).pad_token_id or 0))
-    options = dict(args.option)
     try:
         compressed = model.reduce(args.method, rank=args.rank, tol=args.tol, budget=args.budget, time=args.time,
                                   calibration_data=calibration, **options)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..rank_budget import modes_for_budget
-from ..reduction_methods import REDUCTION_METHODS, method_options, resolve_method
+from ..reduction_methods import REDUCTION_METHODS, check_method_options
 
 REDUCED_PARAMETER_NAMES = ("log_A_real", "A_imag", "B", "C")  # new objects of the reduced shape
 # log_dt and D keep their objects (and Adam moments); D's value changes only for methods with a direct term
@@ -88,43 +88,36 @@ class ReductionSchedule:
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                     raise ValueError(f"ReductionSchedule: `rank` must be a positive int (or one per layer), "
                                      f"got {self.rank!r}.")
-            if isinstance(self.rank, list):
-                object.__setattr__(self, "rank", tuple(self.rank))  # hashable, and JSON-comparable as a list
+            # plain ints (numpy's would not go into run_config.json); a list becomes a hashable tuple
+            object.__setattr__(self, "rank", tuple(int(value) for value in ranks)
+                               if isinstance(self.rank, (list, tuple)) else int(self.rank))
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real)
                                      or not 0 < self.tol <= 1):
             raise ValueError(f"ReductionSchedule: `tol` is the fraction of Hankel energy to keep, in (0, 1]; "
                              f"got {self.tol!r}.")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real)
                                         or not (math.isfinite(self.budget) and self.budget > 0)
-                                        or (isinstance(self.budget, float) and self.budget > 1)):
+                                        or (not isinstance(self.budget, numbers.Integral) and self.budget > 1)):
             raise ValueError(f"ReductionSchedule: `budget` must be an int >= 1 (total complex modes) or a float in "
                              f"(0, 1] (fraction of the SSM parameters), got {self.budget!r}.")
         if self.time not in ("discrete", "continuous"):
             raise ValueError(f"ReductionSchedule: `time` must be 'discrete' or 'continuous', got {self.time!r}.")
+        for name in ("at", "tol", "budget"):  # numpy scalars as plain int/float (the schedule is saved as JSON)
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value) if isinstance(value, numbers.Integral) else float(value))
 
     def _check_options(self) -> None:
-        """Names against the method's signature; values against the type of their default (the
-        method itself would only see them at the scheduled step, mid-run)."""
+        """The method's typed option check (`check_method_options`, as `model.reduce` does), here
+        rather than first at the scheduled step, mid-run; keeps the plain values it returns."""
         if not isinstance(self.options, dict):
             raise TypeError(f"ReductionSchedule: `options` must be a dict of the method's options, got "
                             f"{self.options!r}.")
         try:
-            resolve_method(self.method, self.options)
+            options = check_method_options(self.method, self.options)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"ReductionSchedule: `options`: {error}") from None
-        for name, value in self.options.items():
-            default = method_options(self.method)[name]
-            if isinstance(default, bool):
-                valid = isinstance(value, bool)
-            elif isinstance(default, int):
-                valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            elif isinstance(default, float):
-                valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                valid = True
-            if not valid:
-                raise TypeError(f"ReductionSchedule: option `{name}` of method {self.method!r} must be like its "
-                                f"default {default!r}, got {value!r}.")
+            raise type(error)(f"ReductionSchedule: `options`: {error}") from None
+        object.__setattr__(self, "options", options)
 
     def __hash__(self):  # `options` is a dict: hash the JSON form
         return hash(json.dumps(self.to_dict(), sort_keys=True))
