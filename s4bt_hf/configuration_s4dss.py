@@ -6,13 +6,33 @@ This file is copied verbatim into every saved checkpoint (remote code), so it im
 
 from __future__ import annotations
 
+import difflib
 import math
+import warnings
+from dataclasses import fields
 
 from transformers import PreTrainedConfig
 
 SSM_INITS = ("skew_hippo", "s4d_lin", "s4d_inv", "random")
 NORMS = ("layer", "batch")
 POOLINGS = ("mean", "last")
+# Keywords transformers takes or writes besides the dataclass fields: `PreTrainedConfig` pops or
+# stores them, and configs saved by transformers 4 carry its former arguments and generation
+# parameters. Never a misspelt S4-DSS field, though some are close to one (bos_token_id, torch_dtype).
+_TRANSFORMERS_KEYWORDS = frozenset("""
+    torch_dtype num_labels name_or_path _name_or_path _commit_hash output_attentions attn_implementation
+    _attn_implementation _attn_implementation_internal experts_implementation _experts_implementation_internal
+    per_layer_config rope_scaling rope_theta rope_parameters auto_map model_type transformers_version
+    torchscript use_bfloat16 tf_legacy_loss pruned_heads tie_word_embeddings is_decoder cross_attention_hidden_size
+    add_cross_attention tie_encoder_decoder finetuning_task tokenizer_class prefix bos_token_id eos_token_id
+    sep_token_id decoder_start_token_id task_specific_params use_return_dict gradient_checkpointing
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k
+    top_p typical_p epsilon_cutoff eta_cutoff repetition_penalty encoder_repetition_penalty length_penalty
+    no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
+    return_dict_in_generate forced_bos_token_id forced_eos_token_id remove_invalid_values
+    exponential_decay_length_penalty suppress_tokens begin_suppress_tokens use_cache num_assistant_tokens
+    num_assistant_tokens_schedule assistant_confidence_threshold assistant_lookbehind target_lookbehind
+""".split())
 
 
 def _is_int(value) -> bool:
@@ -46,7 +66,7 @@ class S4DSSConfig(PreTrainedConfig):
         dt_min, dt_max (`float`, defaults to 1e-3, 1e-1): range of the log-uniform step size Δ.
         bidirectional (`bool`, defaults to False): two-sided kernel (no streaming).
         norm (`str`, defaults to `"layer"`): `"layer"` (LayerNorm) or `"batch"` (BatchNorm over the
-            valid positions).
+            valid positions). `"layer"` needs `d_model` >= 2 (over one channel it outputs 0 for every input).
         prenorm (`bool`, defaults to True): normalise before (True) or after (False) each block.
         dropout (`float`, defaults to 0.0): dropout probability inside the blocks.
         pooling (`str`, defaults to `"mean"`): `"mean"` over valid positions or `"last"` valid position.
@@ -88,6 +108,7 @@ class S4DSSConfig(PreTrainedConfig):
     check_input_values: bool = True
 
     def __post_init__(self, **kwargs):
+        _warn_misspelt_keywords(self, kwargs)
         if self.vocab_size is None and self.input_dim is None:
             self.input_dim = 1
         if isinstance(self.d_state, tuple):
@@ -132,6 +153,10 @@ class S4DSSConfig(PreTrainedConfig):
             _require_positive_int("d_state", self.d_state)
         _require_choice("init", self.init, SSM_INITS)
         _require_choice("norm", self.norm, NORMS)
+        if self.norm == "layer" and self.d_model == 1:  # (x - mean(x)) over one channel is 0 for every input
+            raise ValueError("S4DSSConfig: `norm`='layer' with `d_model`=1 normalises over a single channel, which "
+                             "outputs 0 whatever the input: the model would ignore its input. Use norm='batch' or "
+                             "d_model >= 2.")
         _require_choice("pooling", self.pooling, POOLINGS)
         for name in ("dt_min", "dt_max", "initializer_range", "layer_norm_eps"):
             _require_finite(name, getattr(self, name), minimum_exclusive=0.0)
@@ -156,6 +181,20 @@ class S4DSSConfig(PreTrainedConfig):
                 raise ValueError(
                     f"S4DSSConfig: `pad_token_id` must be an id in [0, {self.vocab_size}), got {self.pad_token_id!r}."
                 )
+
+
+def _warn_misspelt_keywords(config, keywords) -> None:
+    """Warn for each keyword that is no field but close to one (`d_modle`): transformers would keep
+    it as an attribute that nothing reads while the field it meant keeps its default."""
+    known = [field.name for field in fields(config)] + list(config.attribute_map) + ["num_labels"]
+    for keyword in keywords:
+        if keyword in known or keyword in _TRANSFORMERS_KEYWORDS:
+            continue
+        close = difflib.get_close_matches(keyword, known, n=1)
+        if close:
+            warnings.warn(f"S4DSSConfig: unknown keyword `{keyword}`; did you mean `{close[0]}`? `{keyword}` is kept "
+                          f"as an attribute that the model never reads, and `{close[0]}` keeps its value.",
+                          UserWarning, stacklevel=4)
 
 
 def _require_positive_int(name: str, value) -> None:

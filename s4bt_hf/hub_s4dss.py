@@ -8,6 +8,7 @@ and its sibling modules.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 
@@ -47,6 +48,12 @@ AUTO_MAP = {
     "AutoModel": "modeling_s4dss.S4DSSModel",
     "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
 }
+
+
+
+class IncompleteCheckpointWarning(UserWarning):
+    """`from_pretrained` loaded a checkpoint that does not fill the model (see `_warn_incomplete_checkpoint`)."""
+
 
 # `from_pretrained` arguments that say where and how to fetch files of a checkpoint.
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -120,10 +127,20 @@ class S4DSSHubMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus the compression report of a compressed
         checkpoint (`compression_report.json`, from a folder or a Hub repo). A report that cannot
-        be read is reported in a warning naming the file; the model still loads, without it."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # `output_loading_info=True` returns (model, info)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        be read is reported in a warning naming the file; the model still loads, without it.
+
+        Also: a local folder without `config.json` is one `OSError` naming it (transformers would
+        build a default configuration and fail on the weights' shapes), and a checkpoint that does
+        not fill the model (weight tensors missing, or layers in the weights that `config.json`
+        does not describe) gives a `UserWarning` besides transformers' load report, which may be
+        silenced by its logging verbosity. A missing classification head is warned about only for
+        a checkpoint saved from this class (loading a base model under a new head is the usual
+        fine-tuning start)."""
+        _check_local_checkpoint(pretrained_model_name_or_path, kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        _warn_incomplete_checkpoint(cls, model, info, pretrained_model_name_or_path)
         hub_options = {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
         report_path = cached_file(str(pretrained_model_name_or_path), REPORT_FILE,
                                   _raise_exceptions_for_missing_entries=False,
@@ -137,4 +154,53 @@ class S4DSSHubMixin:
                     "loaded without its compression report (`compression_report` is None).",
                     stacklevel=2,
                 )
-        return loaded
+        return (model, info) if output_loading_info else model
+
+
+def _check_local_checkpoint(path, kwargs) -> None:
+    """One clear `OSError` for a local path that is no checkpoint (a Hub repo id is left to transformers)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        if os.path.isabs(path) or path.startswith(("./", "../", "~")):
+            raise OSError(f"no model folder at {path}.")
+        return
+    if os.path.isdir(path) and kwargs.get("config") is None:
+        folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise OSError(f"{folder} holds no config.json, so it is no saved model (save one with "
+                          "`save_pretrained`, or pass `config=`).")
+
+
+def _layers_named(keys) -> list[int]:
+    return sorted({int(match.group(1)) for key in keys if (match := re.search(r"(?:^|\.)layers\.(\d+)\.", key))})
+
+
+def _shortened(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _warn_incomplete_checkpoint(cls, model, info: dict, path) -> None:
+    """An `IncompleteCheckpointWarning` for weight tensors the checkpoint lacks (freshly
+    initialised: the model is not the one saved) and for DSS layers it holds that the configuration
+    does not describe (ignored)."""
+    prefix = model.base_model_prefix + "."
+    saved_as_this_class = cls.__name__ in (getattr(model.config, "architectures", None) or [])
+    missing = {key for key in info.get("missing_keys") or ()
+               if saved_as_this_class or model.base_model is model or key.startswith(prefix)}
+    where = f"{cls.__name__}.from_pretrained({os.fspath(path)!r})"
+    layers = model.config.n_layers
+    if missing:
+        names = list(model.state_dict())
+        empty = [layer for layer in _layers_named(missing)
+                 if all(key in missing for key in names if f"layers.{layer}." in key)]
+        note = (f"; config.json says n_layers={layers} but the weights hold nothing for layer(s) "
+                f"{', '.join(map(str, empty))}" if empty else "")
+        warnings.warn(f"{where}: the checkpoint lacks {len(missing)} weight tensor(s) of the model "
+                      f"({_shortened(missing)}){note}. They were freshly initialised: this is not the model that was "
+                      "saved.", IncompleteCheckpointWarning, stacklevel=3)
+    extra = [key for key in info.get("unexpected_keys") or () if _layers_named([key])]
+    if extra:
+        warnings.warn(f"{where}: config.json says n_layers={layers} but the weights also hold layer(s) "
+                      f"{', '.join(map(str, _layers_named(extra)))} ({_shortened(extra)}); they were ignored: this "
+                      "is not the model that was saved.", IncompleteCheckpointWarning, stacklevel=3)

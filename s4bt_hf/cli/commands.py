@@ -18,9 +18,11 @@ import json
 import os
 import re
 import sys
+import warnings
 
 from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
 from ..data import TASK_INFOS
+from ..hub_s4dss import IncompleteCheckpointWarning
 from ..reduction_methods import METHOD_OPTIONS, REDUCTION_METHODS, parse_method_options
 from .arg_types import (
     method_option,
@@ -307,7 +309,9 @@ def load_model(path: str):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load-report table: we report problems in one line
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        with warnings.catch_warnings():  # reported below, in one line
+            warnings.simplefilter("ignore", IncompleteCheckpointWarning)
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     except Exception as error:  # corrupt or truncated weights surface as many error types
         raise CliError(f"cannot load the model in {path}: {type(error).__name__}: {error}") from error
     finally:
