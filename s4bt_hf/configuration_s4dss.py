@@ -25,7 +25,7 @@ _TRANSFORMERS_KEYWORDS = frozenset("""
     per_layer_config rope_scaling rope_theta rope_parameters auto_map model_type transformers_version
     torchscript use_bfloat16 tf_legacy_loss pruned_heads tie_word_embeddings is_decoder cross_attention_hidden_size
     add_cross_attention tie_encoder_decoder finetuning_task tokenizer_class prefix bos_token_id eos_token_id
-    sep_token_id decoder_start_token_id task_specific_params use_return_dict gradient_checkpointing
+    sep_token_id decoder_start_token_id task_specific_params gradient_checkpointing
     max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k
     top_p typical_p epsilon_cutoff eta_cutoff repetition_penalty encoder_repetition_penalty length_penalty
     no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores
