@@ -159,6 +159,8 @@ class S4DSSHubMixin:
 
 def _check_local_checkpoint(path, kwargs) -> None:
     """One clear `OSError` for a local path that is no checkpoint (a Hub repo id is left to transformers)."""
+    if not isinstance(path, (str, os.PathLike)):  # None: weights given as `state_dict`
+        return
     path = os.fspath(path)
     if not os.path.exists(path):
         if os.path.isabs(path) or path.startswith(("./", "../", "~")):
@@ -188,7 +190,7 @@ def _warn_incomplete_checkpoint(cls, model, info: dict, path) -> None:
     saved_as_this_class = cls.__name__ in (getattr(model.config, "architectures", None) or [])
     missing = {key for key in info.get("missing_keys") or ()
                if saved_as_this_class or model.base_model is model or key.startswith(prefix)}
-    where = f"{cls.__name__}.from_pretrained({os.fspath(path)!r})"
+    where = f"{cls.__name__}.from_pretrained({str(path)!r})"
     layers = model.config.n_layers
     if missing:
         names = list(model.state_dict())

@@ -243,3 +243,11 @@ def test_the_command_line_still_refuses_an_incomplete_checkpoint_in_one_line(sav
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lacks 1 weight tensor(s)" in lines[0], result.stderr
+
+
+def test_weights_given_as_a_state_dict_need_no_folder():
+    config = S4DSSConfig(d_model=4, n_layers=1, d_state=2)
+    state = S4DSSForSequenceClassification(config).state_dict()
+    model, messages = _load_warnings(lambda: S4DSSForSequenceClassification.from_pretrained(None, config=config,
+                                                                                            state_dict=state))
+    assert messages == [] and all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in state.items())
