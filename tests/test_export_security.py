@@ -199,3 +199,15 @@ def test_onnx_export_refuses_float64_and_bfloat16_up_front(tmp_path, dtype):
         export_model(model, tmp_path / "out", format="onnx")
     assert os.listdir(tmp_path) == []
     assert next(model.parameters()).dtype == dtype  # the user's model is left as it was
+
+
+def test_a_real_folder_exported_before_this_change_still_loads_with_a_warning():
+    """tests/fixtures/legacy_export: written by the previous exporter (no sha256, no vocab_size) from
+    a seed-0 token classifier (vocab 16, d_model 4, 1 layer, d_state 2) whose logits after the tokens
+    1, 5, 15, 0, 3 were [0.0107975, 0.0114027]."""
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_export")
+    assert "sha256" not in json.loads(open(os.path.join(folder, "export.json"), encoding="utf-8").read())
+    with pytest.warns(UserWarning, match="exported before SHA-256 checksums"):
+        runner = load_exported(folder)
+    outputs = runner.run(torch.tensor([[1], [5], [15], [0], [3]]))
+    torch.testing.assert_close(outputs[-1], torch.tensor([[0.0107975, 0.0114027]]), rtol=1e-4, atol=1e-6)
