@@ -106,9 +106,9 @@ class ExportedStreamingModel:
 
     def _check_token_ids(self, inputs) -> None:
         """The graph's Gather wraps a negative id (-1 reads the last row): refuse ids outside the vocabulary."""
-        ids = torch.as_tensor(inputs)
-        if ids.numel():
-            low, high = int(ids.min()), int(ids.max())
+        ids = torch.as_tensor(inputs).reshape(-1).tolist()  # one position: a few ids, cheapest as a list
+        if ids:
+            low, high = min(ids), max(ids)
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"`inputs` holds token ids outside the vocabulary [0, {self.vocab_size}) "
                                  f"(model.vocab_size in {DESCRIPTION_FILE}): min {low}, max {high}.")
