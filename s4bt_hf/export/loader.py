@@ -27,9 +27,10 @@ PICKLE_REFUSED = (
 
 
 class ExportedStreamingModel:
-    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`,
-    the ExecuTorch runtime for `.pte`.
-    Every input is checked against export.json before it reaches the runtime.
+    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`
+    (only with `trust_pickle=True`), the ExecuTorch runtime for `.pte`. The description is validated
+    and the graph verified before it is loaded; every input (token ids: their range too) is checked
+    against export.json before it reaches the runtime.
 
         runner = load_exported("exported/")            # or load_exported(folder, int8=True)
         state = runner.initial_state(batch_size=1)
