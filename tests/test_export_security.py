@@ -211,3 +211,40 @@ def test_a_real_folder_exported_before_this_change_still_loads_with_a_warning():
         runner = load_exported(folder)
     outputs = runner.run(torch.tensor([[1], [5], [15], [0], [3]]))
     torch.testing.assert_close(outputs[-1], torch.tensor([[0.0107975, 0.0114027]]), rtol=1e-4, atol=1e-6)
+
+
+def test_an_executorch_program_is_given_to_the_runtime_as_verified_bytes_with_full_verification(
+        folder, tmp_path, monkeypatch):
+    """No executorch here (a separate extra): a stand-in runtime records how the program is loaded."""
+    import sys
+    import types
+
+    calls = []
+
+    class Runtime:
+        @staticmethod
+        def get():
+            return Runtime()
+
+        def load_program(self, data, *, verification):
+            calls.append((data, verification))
+            return types.SimpleNamespace(load_method=lambda name: name)
+
+    runtime = types.ModuleType("executorch.runtime")
+    runtime.Runtime, runtime.Verification = Runtime, types.SimpleNamespace(InternalConsistency="full")
+    monkeypatch.setitem(sys.modules, "executorch", types.ModuleType("executorch"))
+    monkeypatch.setitem(sys.modules, "executorch.runtime", runtime)
+    program = b"not really a program"
+    (folder / "model.pte").write_bytes(program)
+
+    def as_executorch(description):
+        description.update(format="executorch", graph="model.pte", file_bytes={"model.pte": len(program)},
+                           sha256={"model.pte": hashlib.sha256(program).hexdigest()})
+
+    edit_description(folder, as_executorch)
+    load_exported(folder)  # no trust_pickle needed: a FlatBuffers program, no unpickling
+    assert calls == [(program, "full")]
+    (folder / "model.pte").write_bytes(program.upper())
+    with pytest.raises(ExportFolderError, match="SHA-256"):
+        load_exported(folder)
+    assert len(calls) == 1
