@@ -167,7 +167,15 @@ class RunFolderError(ValueError):
 
 
 class RunWriteError(OSError):
-    """A file of the run could not be written (disk full, no permission); the message names it."""
+    """A file of the run could not be written (disk full, no permission); the message names it,
+    `errno` and `filename` are the failed write's."""
+
+    def __init__(self, message: str, errno_: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message, self.errno, self.filename = message, errno_, filename
+
+    def __str__(self):
+        return self.message
 
 
 class CheckpointError(ValueError):
@@ -892,10 +900,9 @@ def _writing(path: str):
         raise
     except OSError as error:
         full = " (the disk is full)" if error.errno in _DISK_FULL else ""
-        failure = RunWriteError(f"cannot write {error.filename or path}: {error.strerror or error}{full}; the run "
-                                "folder keeps its last complete checkpoint, from which the same command resumes")
-        failure.errno, failure.filename = error.errno, error.filename or path
-        raise failure from error
+        raise RunWriteError(f"cannot write {error.filename or path}: {error.strerror or error}{full}; the run folder "
+                            "keeps its last complete checkpoint, from which the same command resumes",
+                            error.errno, error.filename or path) from error
 
 
 def _save_model(accelerator, model, directory: str) -> None:
