@@ -222,7 +222,8 @@ class _Progress:
     def check(state, path: str) -> dict:
         """`state` if it is a progress record, else `CheckpointError` naming `path`."""
         number = (int, float, type(None))
-        if not (isinstance(state, dict) and type(state.get("step")) is int and state["step"] >= 0
+        if not (isinstance(state, dict) and {"step", "best_accuracy", "best_step"} <= set(state)
+                and type(state["step"]) is int and state["step"] >= 0
                 and isinstance(state.get("best_accuracy"), number) and isinstance(state.get("best_step"), number)
                 and type(state.get("skipped_batches", 0)) is int):
             raise CheckpointError(path, "not a trainer progress record")
