@@ -314,15 +314,17 @@ def stale_staging(parent, name, age_seconds=0):
     return stale
 
 
-def test_a_stale_staging_folder_is_removed_and_a_live_one_kept(tmp_path):
+def test_stale_staging_folders_are_removed_and_a_live_one_kept(tmp_path):
     stale = stale_staging(tmp_path, "out")
-    other = stale_staging(tmp_path, "other-output")  # another destination's: not ours to judge
+    other = stale_staging(tmp_path, "other-output")  # a killed write to another destination in the same folder
+    young = tmp_path / ".s4bt-staging-young-abc"  # no lock file yet, just created: perhaps being set up
+    young.mkdir()
     with staged_folder(tmp_path / "live") as live:
         with staged_folder(tmp_path / "out") as staging:
             Path(staging, "a.txt").write_text("done")
             assert Path(live).exists()
-        assert not stale.exists() and not Path(f"{stale}.lock").exists() and other.exists()
-    assert sorted(os.listdir(tmp_path)) == sorted([other.name, f"{other.name}.lock", "live", "out"])
+        assert not stale.exists() and not Path(f"{stale}.lock").exists() and not other.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted([young.name, "live", "out"])
     assert (tmp_path / "out" / "a.txt").read_text() == "done"
 
 

@@ -4,8 +4,8 @@ result, and a failure leaves nothing at the destination.
 The staging folder is a hidden sibling of the destination, `.s4bt-staging-<name>-<random>`, so the
 rename stays on one file system. Its writer holds a lock (`folder_lock.is_held`) on the file
 `<staging folder>.lock` beside it (not inside: the staging folder holds only the result); a
-staging folder whose lock nobody holds was left by a killed writer, and the next write to the
-same destination removes it."""
+staging folder whose lock nobody holds was left by a killed writer, and the next staged write
+into the same parent folder removes it."""
 
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ def staging_prefix(destination: str) -> str:
 
 
 def remove_stale_staging(destination: str) -> list[str]:
-    """Remove the staging folders of `destination` (and legacy ones beside it) that no live writer
-    holds, with their lock files; returns the removed folders."""
+    """Remove the staging folders beside `destination` (any destination's, and legacy ones) that no
+    live writer holds, with their lock files; returns the removed folders."""
     parent = os.path.dirname(os.path.abspath(destination))
     if not os.path.isdir(parent):
         return []
-    own, removed = staging_prefix(destination), []
+    removed = []
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
-        if not name.startswith((own, *LEGACY_PREFIXES)) or name.endswith(".lock") or os.path.islink(path):
+        if not name.startswith((PREFIX, *LEGACY_PREFIXES)) or name.endswith(".lock") or not os.path.isdir(path) \
+                or os.path.islink(path):
             continue
         lock = path + ".lock"
         if os.path.exists(lock):
