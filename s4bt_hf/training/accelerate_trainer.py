@@ -271,8 +271,10 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
     """Train `model` (an S4-DSS model, trained in place; the run's weights are saved in
     `config.output_dir`) on `train_dataset`, evaluating on `eval_dataset` (or never, if None),
     and return a summary. Resumes automatically from the latest complete checkpoint of
-    `config.output_dir`; refuses a folder holding a finished run or a run of another
-    configuration. `collate_fn` defaults to `PadCollator` (pads `input_ids`, stacks `input_values`).
+    `config.output_dir` (the newest intact one, with a warning, if a file of it cannot be read);
+    refuses (RunFolderError) a folder holding a finished run, a run of another configuration, or
+    one another run is writing. `collate_fn` defaults to `PadCollator` (pads `input_ids`, stacks
+    `input_values`). A file that cannot be written (full disk) raises RunWriteError naming it.
 
     A non-finite loss (NaN/Inf inputs, or a diverged model) stops the run with
     `NonFiniteLossError` (`config.on_nonfinite_loss="skip"` leaves such batches out instead), and
