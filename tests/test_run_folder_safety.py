@@ -457,6 +457,71 @@ def test_a_full_disk_while_training_is_one_line_with_exit_status_2(tmp_path, cap
         "is full)")
 
 
+def limit_file_size(max_bytes):
+    """For a child process: files larger than `max_bytes` cannot be written (EFBIG), the way a full
+    disk refuses them, but only for that process."""
+    def limit():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def test_the_real_writers_failures_are_recognised(tmp_path):
+    """safetensors and torch.save do not raise OSError when a write fails (checked for real, in a
+    process that may not write files over 20 kB)."""
+    code = """if True:
+        import sys, torch
+        from safetensors.torch import save_file
+        from s4bt_hf.safe_io import as_write_error, describe
+        for name, write in (("safetensors", lambda path: save_file({"a": torch.zeros(100000)}, path)),
+                            ("torch.save", lambda path: torch.save({"a": torch.zeros(100000)}, path)),
+                            ("open", lambda path: open(path, "w").write("x" * 100000) and None),
+                            ("other", lambda path: 1 / 0)):
+            try:
+                write(sys.argv[1] + name)
+            except Exception as error:
+                failure = as_write_error(error)
+                print(name, type(error).__name__, None if failure is None else describe(failure))
+    """
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big-")], capture_output=True, text=True,
+                            env=ENV, timeout=120, preexec_fn=limit_file_size(20_000))
+    assert result.stdout.splitlines() == [
+        "safetensors SafetensorError File too large",
+        "torch.save RuntimeError torch.save could not write the file (is the disk full?)",
+        "open OSError File too large",
+        "other ZeroDivisionError None",
+    ], result.stderr[-2000:]
+
+
+def test_a_real_failed_write_while_training_and_compressing_is_one_line(saved_model, tmp_path):
+    """Real processes whose files may not exceed 64 kB: the first checkpoint of `s4bt train` cannot
+    be written, nor the model of `s4bt compress`; each says so in one line, exit status 2."""
+    model_flags = ["--d-model", "64", "--n-layers", "2", "--d-state", "64", "--train-samples", "64", "--batch-size",
+                   "32", "--save-every", "1", "--no-progress"]
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-c", CLI, "train", "--task", "smnist", "--output", str(run),
+                              *model_flags], capture_output=True, text=True, env=ENV, timeout=300,
+                             stdin=subprocess.DEVNULL, preexec_fn=limit_file_size(64_000))
+    assert trained.returncode == 2, trained.stderr[-3000:]
+    assert trained.stderr.strip().splitlines() == [
+        f"s4bt train: error: cannot write {run / 'checkpoints' / '.partial_step_1'}: File too large; the run folder "
+        "keeps its last complete checkpoint, from which the same command resumes"]
+    assert os.listdir(run / "checkpoints") == []  # the partial checkpoint is removed
+
+    big = tmp_path / "big"
+    s4bt_hf.S4DSSForSequenceClassification(
+        s4bt_hf.S4DSSConfig(input_dim=1, d_model=64, n_layers=2, d_state=64, num_labels=10)).save_pretrained(big)
+    compressed = subprocess.run([sys.executable, "-c", CLI, "compress", "--model", str(big), "--rank", "32",
+                                 "--output", str(tmp_path / "r32")], capture_output=True, text=True, env=ENV,
+                                timeout=300, stdin=subprocess.DEVNULL, preexec_fn=limit_file_size(64_000))
+    assert compressed.returncode == 2, compressed.stderr[-3000:]
+    assert compressed.stderr.strip().splitlines() == [
+        f"s4bt compress: error: cannot write the compressed model to {tmp_path / 'r32'}: File too large"]
+    assert sorted(os.listdir(tmp_path)) == ["big", "run"]
+
+
 # --- reproduce's stage cache --------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ existing result and explains bad input in one line (exit status 2).
 from __future__ import annotations
 
 import argparse
-import errno
 import inspect
 import json
 import os
@@ -23,7 +22,7 @@ import sys
 from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
 from ..data import TASK_INFOS
 from ..reduction_methods import REDUCTION_METHODS
-from ..safe_io import OutputNotWritableError, require_writable, staged_folder
+from ..safe_io import OutputNotWritableError, as_write_error, describe, require_writable, staged_folder
 from .arg_types import (
     method_option,
     nonnegative_float,
@@ -435,8 +434,11 @@ def command_compress(args) -> dict:
     try:  # written completely, then renamed into place: a failure leaves no half-written model
         with staged_folder(args.output) as staging:
             compressed.save_pretrained(staging)
-    except OSError as error:
-        raise CliError(f"cannot write the compressed model to {args.output}: {_os_reason(error)}") from error
+    except Exception as error:
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        raise CliError(f"cannot write the compressed model to {args.output}: {describe(failure)}") from error
     report = compressed.compression_report
     energies = [layer.layer_kept_energy for layer in report.layers]
     return {"output": args.output, "method": args.method, "d_state": compressed.config.d_state,
@@ -512,7 +514,7 @@ def command_evaluate(args) -> dict:
             with open(args.output, "x", encoding="utf-8") as handle:
                 json.dump(metrics, handle, indent=2)
         except OSError as error:
-            raise CliError(f"cannot write the metrics to {args.output}: {_os_reason(error)}") from error
+            raise CliError(f"cannot write the metrics to {args.output}: {describe(error)}") from error
     return metrics
 
 
@@ -580,23 +582,17 @@ def main(argv=None) -> int:
         result = COMMANDS[args.command](args)
     except (CliError, RunFolderError, RunWriteError) as error:
         parser.exit(2, f"s4bt {args.command}: error: {_one_line(error)}\n")
-    except OSError as error:  # a file that cannot be read or written (disk full, permissions): named, no traceback
-        parser.exit(2, f"s4bt {args.command}: error: {_one_line(_os_reason(error, with_file=True))}\n")
+    except Exception as error:  # a file that cannot be read or written (disk full, permissions): named, no traceback
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        where = f"{failure.filename}: " if failure.filename else ""
+        parser.exit(2, f"s4bt {args.command}: error: {_one_line(where + describe(failure))}\n")
     except TrainingStopped as error:
         parser.exit(1, f"s4bt {args.command}: error: {_one_line(error)}\n")
     if os.environ.get("RANK", "0") == "0":  # one summary line, also under `accelerate launch`
         print(json.dumps(result, default=str))
     return 0
-
-
-def _os_reason(error: OSError, with_file: bool = False) -> str:
-    """An OSError in words: its reason, the file it is about (if asked and known), a full disk said so."""
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and "disk is full" not in reason:
-        reason += " (the disk is full)"
-    if with_file and error.filename:
-        return f"{error.filename}: {reason}"
-    return reason
 
 
 def _one_line(error: Exception) -> str:

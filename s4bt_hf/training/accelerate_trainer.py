@@ -22,7 +22,6 @@ from the folder. A checkpoint with a file that cannot be read is skipped for the
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from ..compression_report import CompressionReport
-from ..safe_io import FolderBusyError, hold_folder
+from ..safe_io import FolderBusyError, as_write_error, describe, hold_folder
 from ..safe_io.folder_lock import LOCK_FILE
 from .evaluation import evaluation_metrics
 from .hankel_penalty import dss_kernels
@@ -66,7 +65,6 @@ _LEGACY_STATE_FILE = "custom_checkpoint_{}.pkl"
 _LEGACY_STATE_PATTERN = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 # the files of `Accelerator.save_state` we check before resuming (random_states: the one of each process)
 _ACCELERATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
-_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 logger = logging.getLogger(__name__)
 
@@ -896,16 +894,19 @@ def _write_json(path: str, content) -> None:
 
 @contextlib.contextmanager
 def _writing(path: str):
-    """Turn an OSError while writing `path` (full disk, no permission) into RunWriteError naming it."""
+    """Turn a failed write under `path` (full disk, no permission; `safe_io.as_write_error`) into
+    RunWriteError naming the file."""
     try:
         yield
     except RunWriteError:
         raise
-    except OSError as error:
-        full = " (the disk is full)" if error.errno in _DISK_FULL else ""
-        raise RunWriteError(f"cannot write {error.filename or path}: {error.strerror or error}{full}; the run folder "
-                            "keeps its last complete checkpoint, from which the same command resumes",
-                            error.errno, error.filename or path) from error
+    except Exception as error:
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        where = failure.filename or path
+        raise RunWriteError(f"cannot write {where}: {describe(failure)}; the run folder keeps its last complete "
+                            "checkpoint, from which the same command resumes", failure.errno, where) from error
 
 
 def _save_model(accelerator, model, directory: str) -> None:
