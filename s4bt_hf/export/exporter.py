@@ -24,11 +24,12 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 
 import torch
+
+from ..safe_io import staged_folder
 
 EXPORT_FORMATS = ("onnx", "torch", "executorch")
 DESCRIPTION_FILE = "export.json"
@@ -92,10 +93,8 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
     if format == "executorch":
         require_export_dependencies(("executorch",), "ExecuTorch export", EXECUTORCH_EXTRA)
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".s4bt-export-", dir=parent)  # renamed into place when complete
-    try:
+    # written in a staging folder renamed into place when complete (stale ones of killed exports are removed)
+    with staged_folder(output_dir) as staging:
         graph_path = os.path.join(staging, GRAPH_FILES[format])
         with _quiet_exporter():
             opset = None
@@ -116,12 +115,6 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
         _write_card_and_config(model, staging, description)
         with open(os.path.join(staging, DESCRIPTION_FILE), "w", encoding="utf-8") as handle:
             json.dump(description, handle, indent=2)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above); fails rather than overwrite if filled since
-        os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return description
 
 
