@@ -369,18 +369,41 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
 
     # ------------------------------------------------------------------ input checks
     def _check_streaming_state(self, state, hidden_states: torch.Tensor) -> None:
-        """Every layer's state must have this model's (batch, d_model, d_state) shape, dtype and device."""
-        for index, (layer, layer_state) in enumerate(zip(self.layers, state.ssm_states, strict=True)):
-            expected = (hidden_states.shape[0], layer.kernel.d_model, layer.kernel.d_state)
-            if not isinstance(layer_state, torch.Tensor) or tuple(layer_state.shape) != expected:
-                shape = tuple(layer_state.shape) if isinstance(layer_state, torch.Tensor) else type(layer_state)
+        """`state` must fit this model and the input: one (batch, d_model, d_state) state per layer in
+        the kernel's complex dtype and on its device, and a non-negative step count. Metadata only."""
+        if not isinstance(state, S4DSSStreamingState):
+            raise TypeError(f"`state` must be an S4DSSStreamingState from this model's `init_streaming_state`, got "
+                            f"{type(state).__name__}.")
+        layer_states = state.ssm_states
+        if not isinstance(layer_states, (tuple, list)) or len(layer_states) != len(self.layers):
+            got = f"{len(layer_states)} layer states" if isinstance(layer_states, (tuple, list)) else (
+                type(layer_states).__name__)
+            raise ValueError(f"`state` does not fit this model: it has {len(self.layers)} layers, the state holds "
+                             f"{got}; use this model's `init_streaming_state`.")
+        batch = hidden_states.shape[0]
+        for index, (layer, layer_state) in enumerate(zip(self.layers, layer_states, strict=True)):
+            kernel = layer.kernel
+            expected = (batch, kernel.d_model, kernel.d_state)
+            dtype = torch.complex128 if kernel.compute_dtype() == torch.float64 else torch.complex64
+            name = f"state.ssm_states[{index}]"
+            if not isinstance(layer_state, torch.Tensor):
+                raise TypeError(f"`{name}` (layer {index}) must be a tensor, got {type(layer_state).__name__}.")
+            shape = tuple(layer_state.shape)
+            if shape[1:] == expected[1:] and shape[0] != batch:
+                raise ValueError(f"`{name}` (layer {index}) holds {shape[0]} sequences but the input has {batch}.")
+            if shape != expected:
                 raise ValueError(
                     f"`state` does not fit this model: layer {index} holds a state of shape {shape}, expected "
                     f"{expected} (batch, d_model, d_state); use this model's `init_streaming_state`."
                 )
-            if not layer_state.is_complex():
-                raise TypeError(f"`state` of layer {index} must be complex, got {layer_state.dtype}.")
-            check_device(f"state.ssm_states[{index}]", layer_state, layer.kernel.log_dt.device)
+            if layer_state.dtype != dtype:
+                raise TypeError(f"`{name}` (layer {index}) must be {dtype}, got {layer_state.dtype}.")
+            device = kernel.log_dt.device
+            if layer_state.device != device:
+                check_device(name, layer_state, device)
+        steps = state.steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"`state.steps` counts the positions consumed: a non-negative int, got {steps!r}.")
 
     def _check_streaming_allowed(self) -> None:
         if self.config.bidirectional:
@@ -519,13 +542,7 @@ class S4DSSModel(S4DSSPreTrainedModel):
         `forward(...).last_hidden_state[:, t]` over the whole sequence, and the new state (the
         given state is not modified)."""
         self._check_streaming_allowed()
-        if not isinstance(state, S4DSSStreamingState) or len(state.ssm_states) != len(self.layers):
-            raise ValueError("`state` must come from this model's `init_streaming_state`.")
         hidden_states, _ = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=False)
-        if hidden_states.shape[0] != state.ssm_states[0].shape[0]:
-            raise ValueError(
-                f"The state holds {state.ssm_states[0].shape[0]} sequences but the input has {hidden_states.shape[0]}."
-            )
         self._check_streaming_state(state, hidden_states)
         new_states = []
         for layer, layer_state in zip(self.layers, state.ssm_states, strict=True):
@@ -607,14 +624,35 @@ class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
     ) -> tuple[torch.Tensor, S4DSSStreamingState]:
         """Consume one position per sequence and return the logits of the prefix read so far
         (equal to `forward` on that prefix), with the new state. Pooling is incremental."""
+        pooled_sum = getattr(state, "pooled_sum", None)
         hidden_states, state = self.s4dss.streaming_step(state, input_ids, input_values, inputs_embeds)
         if self.config.pooling == "mean":
+            self._check_pooled_sum(pooled_sum, state.steps - 1, hidden_states)
             pooled_sum = hidden_states if state.pooled_sum is None else state.pooled_sum + hidden_states
             state = S4DSSStreamingState(state.ssm_states, state.steps, pooled_sum)
             pooled = pooled_sum / state.steps
         else:
             pooled = hidden_states
         return self.classifier(pooled), state
+
+    @staticmethod
+    def _check_pooled_sum(pooled_sum, steps: int, hidden_states: torch.Tensor) -> None:
+        """Mean pooling: the running sum is None before the first position, then (batch, d_model)."""
+        if pooled_sum is None and steps == 0:
+            return
+        if pooled_sum is None or steps == 0:
+            raise ValueError(f"`state.pooled_sum` is {'None' if pooled_sum is None else 'set'} after {steps} steps: "
+                             "a mean-pooling state from this classifier's `init_streaming_state` has a sum exactly "
+                             "when it has read a position.")
+        expected = tuple(hidden_states.shape)
+        if not isinstance(pooled_sum, torch.Tensor) or tuple(pooled_sum.shape) != expected or (
+            pooled_sum.dtype != hidden_states.dtype
+        ):
+            got = (f"{pooled_sum.dtype} of shape {tuple(pooled_sum.shape)}" if isinstance(pooled_sum, torch.Tensor)
+                   else type(pooled_sum).__name__)
+            raise ValueError(f"`state.pooled_sum` must be {hidden_states.dtype} of shape {expected} "
+                             f"(batch, d_model), got {got}.")
+        check_device("state.pooled_sum", pooled_sum, hidden_states.device)
 
     def streaming_module(self) -> RealStreamingModule:
         """A frozen copy of this eval-mode classifier's streaming step with only real tensors,

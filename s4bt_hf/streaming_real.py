@@ -6,11 +6,13 @@ its update x ← Ā x + B̄ u is the 2×2 rotation-scale
     [im] ←  [Im Ā   Re Ā] [im] + [Im B̄] u,        y = Σ_n (Re C_n re_n - Im C_n im_n) + D u.
 
 The module is a frozen snapshot of an eval-mode model: the discretised system is computed once
-(as `streaming_step` computes it, in the SSM compute dtype) and held as buffers. Its forward is
-`(inputs, *states) -> (output, *new_states)`, with the mean-pooling sum and count carried in the
-state, so a runtime only feeds tensors back in.
+(as `streaming_step` computes it, in the SSM compute dtype) and held as buffers that share no
+storage with the model, and nothing in it requires a gradient; training or editing the model
+later leaves it unchanged. Its forward is `(inputs, *states) -> (output, *new_states)`, with the
+mean-pooling sum and count carried in the state, so a runtime only feeds tensors back in. Each
+call checks its states (count, shape, dtype, batch size, device) before any arithmetic.
 
-This file is copied into saved checkpoints (remote code): it imports only torch.
+This file is copied into saved checkpoints (remote code): it imports only torch and its siblings.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import copy
 
 import torch
 from torch import nn
+
+from .validation_s4dss import check_device
 
 
 class RealStreamingBlock(nn.Module):
@@ -33,10 +37,11 @@ class RealStreamingBlock(nn.Module):
         dtype = kernel.compute_dtype()
         with torch.no_grad():
             a_bar, input_bar, output_vec, skip = (t.detach() for t in kernel.compute_step_system())
+        # clone(): `.to`/`.real` may return a view of the kernel's own parameters (D always does)
         for name, value in (("a", a_bar), ("b", input_bar), ("c", output_vec)):
-            self.register_buffer(f"{name}_re", value.real.to(dtype).contiguous())
-            self.register_buffer(f"{name}_im", value.imag.to(dtype).contiguous())
-        self.register_buffer("d", skip.to(dtype).contiguous())
+            self.register_buffer(f"{name}_re", value.real.to(dtype).clone(memory_format=torch.contiguous_format))
+            self.register_buffer(f"{name}_im", value.imag.to(dtype).clone(memory_format=torch.contiguous_format))
+        self.register_buffer("d", skip.to(dtype).clone(memory_format=torch.contiguous_format))
 
     def forward(self, hidden_states: torch.Tensor, state: torch.Tensor):
         """(B, H) input and (B, H, N, 2) state -> ((B, H) output, new state)."""
@@ -88,6 +93,9 @@ class RealStreamingModule(nn.Module):
         self.d_model = config.d_model
         self.input_dim = None if self.uses_tokens else config.input_dim
         self.d_states = [block.a_re.shape[-1] for block in self.blocks]
+        self.vocab_size = config.vocab_size if self.uses_tokens else None
+        self.check_input_values = bool(getattr(config, "check_input_values", True))
+        self.requires_grad_(False)  # a frozen copy: an optimizer given the model never reaches it
         self.eval()
 
     @property
@@ -129,10 +137,64 @@ class RealStreamingModule(nn.Module):
             inputs = torch.zeros(batch_size, self.input_dim, dtype=self.input_dtype, device=device)
         return (inputs, *self.initial_state(batch_size))
 
+    def _apply(self, fn, *args, **kwargs):
+        self._state_spec = None  # `.to()`, `.double()`, ... change the dtypes and device the states must have
+        return super()._apply(fn, *args, **kwargs)
+
+    def state_spec(self) -> tuple[torch.device, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        """(device, [(name, shape without the batch axis, dtype)] of every state), built once."""
+        spec = getattr(self, "_state_spec", None)
+        if spec is None:
+            states = [(name, shape[1:], dtype) for name, shape, dtype in
+                      zip(self.state_names(), self.state_shapes(1), self.state_dtypes(), strict=True)]
+            spec = self._state_spec = (self.blocks[0].d.device, states)
+        return spec
+
+    def check_call(self, inputs, states) -> None:
+        """`inputs` and every state must fit this module: the number of states, then each state's
+        dtype, device and shape with the batch size of `inputs`. Metadata only (a few µs, and
+        compiled away by `torch.export`); with value checks on (`config.check_input_values`, not
+        while tracing), the token ids and the pooled count too (one host read each)."""
+        device, spec = self.state_spec()
+        if len(states) != len(spec):
+            names = ", ".join(name for name, *_ in spec)
+            raise ValueError(f"The streaming step takes {len(spec)} states ({names}), got {len(states)}; start from "
+                             "`initial_state(batch_size)` and feed back every new state.")
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != (1 if self.uses_tokens else 2) or (
+            not self.uses_tokens and inputs.shape[1] != self.input_dim
+        ):
+            wanted = "(batch,) token ids" if self.uses_tokens else f"(batch, {self.input_dim}) values"
+            got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"`inputs` of one position must be {wanted}, got {got}.")
+        if self.uses_tokens == (inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool):
+            kind = "an integer" if self.uses_tokens else "a floating-point"
+            raise TypeError(f"`inputs` must be {kind} tensor, got {inputs.dtype}.")
+        if inputs.device != device:
+            check_device("inputs", inputs, device)
+        batch = inputs.shape[0]
+        for index, ((name, shape, dtype), state) in enumerate(zip(spec, states, strict=True)):
+            if not isinstance(state, torch.Tensor) or state.shape != (batch, *shape) or state.dtype != dtype:
+                got = (f"{state.dtype} of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
+                       else type(state).__name__)
+                what = f"layer {index}" if index < len(self.blocks) else "mean pooling"
+                raise ValueError(f"State {index} `{name}` ({what}) must be {dtype} of shape {(batch, *shape)} "
+                                 f"(batch {batch}, the batch of `inputs`), got {got}.")
+            if state.device != device:
+                check_device(name, state, device)
+        if self.check_input_values and not torch.compiler.is_compiling():
+            if self.uses_tokens and inputs.numel():
+                low, high = torch.stack([inputs.min(), inputs.max()]).tolist()
+                if low < 0 or high >= self.vocab_size:
+                    raise ValueError(f"`inputs` holds token ids outside the vocabulary [0, {self.vocab_size}): "
+                                     f"min {low}, max {high}.")
+            if self.mean_pooling and states[-1].numel() and (lowest := states[-1].min().item()) < 0:
+                raise ValueError(f"State `pooled_count` counts the positions read (>= 0), got {lowest}.")
+
     def forward(self, inputs: torch.Tensor, *states: torch.Tensor):
+        self.check_call(inputs, states)
         hidden_states = self.encoder(inputs if self.uses_tokens else inputs.to(self.encoder.weight.dtype))
         new_states = []
-        for block, state in zip(self.blocks, states, strict=False):
+        for block, state in zip(self.blocks, states[:len(self.blocks)], strict=True):
             hidden_states, state = block(hidden_states, state)
             new_states.append(state)
         if self.final_norm is not None:

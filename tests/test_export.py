@@ -86,7 +86,7 @@ def test_torch_export_of_a_compressed_token_backbone_reloads_and_equals_eager(tm
     description = export_model(small, tmp_path / "pt2", format="torch")
     assert description["model"]["compressed"] and description["model"]["d_state"] == [2, 2]
     tokens = torch.randint(0, 11, (300, 3), generator=torch.Generator().manual_seed(2))
-    runner = load_exported(tmp_path / "pt2")
+    runner = load_exported(tmp_path / "pt2", trust_pickle=True)
     torch.testing.assert_close(runner.run(tokens), eager_stream(small, "input_ids", tokens), rtol=1e-5, atol=1e-5)
 
 

@@ -237,3 +237,98 @@ def test_real_module_of_a_bfloat16_classifier_counts_exactly():
         expected = stream(model, model.init_streaming_state(1), "input_values", inputs)
     assert state[-1].dtype == torch.float32 and float(state[-1]) == 300.0  # bf16 would stop at 256
     torch.testing.assert_close(outputs, expected, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- the real module: a frozen copy that checks its states
+def model_tensors(model):
+    return [*model.parameters(), *model.buffers()]
+
+
+def test_real_module_shares_no_storage_and_survives_training_of_the_model():
+    torch.manual_seed(8)
+    model = S4DSSForSequenceClassification(S4DSSConfig(input_dim=1, d_model=6, n_layers=2, d_state=[4, 3],
+                                                       norm="batch", pooling="mean", num_labels=2)).eval()
+    module = model.streaming_module()
+    model_storages = {t.untyped_storage().data_ptr() for t in model_tensors(model)}
+    assert not [name for name, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.untyped_storage().data_ptr() in model_storages]
+    assert not any(p.requires_grad for p in module.parameters())
+    inputs = torch.randn(2, 40, 1)
+    with torch.no_grad():
+        before, _ = run_real_module(module, inputs)
+    # train the model (every parameter moves), then edit the skip term in place
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(input_values=inputs, labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        for layer in model.s4dss.layers:
+            layer.kernel.D.mul_(-4.0)
+        after, _ = run_real_module(module, inputs)
+        moved = model(input_values=inputs).logits
+    assert (moved - before[:, -1]).abs().max() > 0.5 * before[:, -1].abs().max()  # the model did change
+    assert torch.equal(after, before)
+    # and the other way: editing the module leaves the model alone
+    expected = moved.clone()
+    with torch.no_grad():
+        for block in module.blocks:
+            block.d.mul_(3.0)
+            block.output_linear.weight.mul_(3.0)
+        assert torch.equal(model(input_values=inputs).logits, expected)
+
+
+def test_real_module_refuses_states_that_do_not_fit():
+    torch.manual_seed(9)
+    model = S4DSSForSequenceClassification(S4DSSConfig(vocab_size=16, d_model=6, n_layers=2, d_state=[4, 3],
+                                                       pooling="mean", num_labels=2)).eval()
+    module = model.streaming_module()
+    tokens = torch.tensor([1, 2, 3])
+    state = module.initial_state(3)
+    with torch.no_grad():
+        module(tokens, *state)  # fits
+        with pytest.raises(ValueError, match=r"takes 4 states \(ssm_state_0, ssm_state_1, pooled_sum, pooled_count\), "
+                                             r"got 3"):
+            module(tokens, state[0], *state[2:])  # a missing layer state: it used to skip layer 1
+        one = module.initial_state(1)
+        with pytest.raises(ValueError, match=r"State 1 `ssm_state_1` \(layer 1\) must be torch.float32 of shape "
+                                             r"\(3, 6, 3, 2\) \(batch 3.*got torch.float32 of shape \(1, 6, 3, 2\)"):
+            module(tokens, state[0], one[1], *state[2:])  # a batch-1 state: it used to broadcast to batch 3
+        with pytest.raises(ValueError, match=r"State 0 `ssm_state_0` \(layer 0\) must be torch.float32.*torch.float64"):
+            module(tokens, state[0].double(), *state[1:])
+        with pytest.raises(ValueError, match=r"State 3 `pooled_count` \(mean pooling\) must be"):
+            module(tokens, *state[:3], state[3][:, 0])
+        with pytest.raises(ValueError, match=r"`pooled_count` counts the positions read \(>= 0\), got -1"):
+            module(tokens, *state[:3], state[3] - 1)  # a hand-made count of -1: it used to give inf/NaN
+        with pytest.raises(ValueError, match=r"token ids outside the vocabulary \[0, 16\): min -1, max 3"):
+            module(torch.tensor([-1, 2, 3]), *state)
+        with pytest.raises(ValueError, match=r"`inputs` of one position must be \(batch,\) token ids, got \(3, 1\)"):
+            module(tokens[:, None], *state)
+        with pytest.raises(TypeError, match="`inputs` must be an integer tensor, got torch.float32"):
+            module(tokens.float(), *state)
+    module.double()  # the states it expects follow the module's dtype
+    with torch.no_grad():
+        module(tokens, *module.initial_state(3))
+        with pytest.raises(ValueError, match="must be torch.float64"):
+            module(tokens, *state)
+
+
+def test_real_module_checks_cost_a_few_microseconds_and_vanish_from_the_exported_graph():
+    module = small_model(d_model=16, n_layers=2, d_state=8).streaming_module()
+    inputs = torch.zeros(1, 1)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = ({0: batch}, tuple({0: batch} for _ in module.state_names()))
+
+    def exported_ops():
+        program = torch.export.export(module, module.example_inputs(2), dynamic_shapes=dynamic)
+        return [str(node.target) for node in program.graph.nodes]
+
+    with_checks = exported_ops()
+    module.check_call = lambda *args: None
+    assert with_checks == exported_ops()  # the checks add no node (no guard, no assert) to the graph
+    del module.check_call
+    import timeit
+
+    state = module.initial_state(1)
+    per_call = min(timeit.repeat(lambda: module.check_call(inputs, state), number=200, repeat=5)) / 200
+    assert per_call < 200e-6  # typically ~10 µs; loose for a loaded machine

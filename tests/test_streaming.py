@@ -80,3 +80,33 @@ def test_streaming_rejects_state_of_other_batch_or_model():
         model.streaming_step(other.init_streaming_state(2), input_values=torch.randn(2, 1))
     with pytest.raises(ValueError, match="dimensions"):
         model.streaming_step(model.init_streaming_state(2), input_values=torch.randn(2, 5, 1))
+
+
+def test_streaming_refuses_states_that_do_not_fit_naming_the_layer():
+    from s4bt_hf import S4DSSStreamingState
+
+    torch.manual_seed(3)
+    model = S4DSSForSequenceClassification(S4DSSConfig(input_dim=1, d_model=8, n_layers=2, d_state=[4, 3],
+                                                       num_labels=2, pooling="mean")).eval()
+    inputs = torch.randn(3, 1)
+    state = model.init_streaming_state(3)
+    one = model.init_streaming_state(1)
+    with torch.no_grad():
+        _, after_one = model.streaming_step(state, input_values=inputs)
+        with pytest.raises(ValueError, match=r"it has 2 layers, the state holds 1 layer states"):
+            model.streaming_step(S4DSSStreamingState(state.ssm_states[:1]), input_values=inputs)
+        with pytest.raises(ValueError, match=r"\(layer 1\) holds 1 sequences but the input has 3"):
+            model.streaming_step(S4DSSStreamingState((state.ssm_states[0], one.ssm_states[1])), input_values=inputs)
+        with pytest.raises(TypeError, match=r"`state.ssm_states\[0\]` \(layer 0\) must be torch.complex64, "
+                                            r"got torch.complex128"):
+            model.streaming_step(S4DSSStreamingState((state.ssm_states[0].to(torch.complex128),
+                                                      state.ssm_states[1])), input_values=inputs)
+        with pytest.raises(ValueError, match=r"`state.steps` counts the positions consumed: .* got -1"):
+            model.streaming_step(S4DSSStreamingState(state.ssm_states, steps=-1), input_values=inputs)  # was NaN
+        with pytest.raises(ValueError, match=r"`state.pooled_sum` is None after 1 steps"):
+            model.streaming_step(S4DSSStreamingState(after_one.ssm_states, steps=1), input_values=inputs)
+        with pytest.raises(ValueError, match=r"`state.pooled_sum` must be torch.float32 of shape \(3, 8\)"):
+            model.streaming_step(S4DSSStreamingState(after_one.ssm_states, 1, after_one.pooled_sum[:1]),
+                                 input_values=inputs)
+        with pytest.raises(TypeError, match="S4DSSStreamingState"):
+            model.streaming_step(list(state.ssm_states), input_values=inputs)

@@ -24,6 +24,7 @@ from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
 from ..data import TASK_INFOS
 from ..hub_s4dss import IncompleteCheckpointWarning
 from ..reduction_methods import METHOD_OPTIONS, REDUCTION_METHODS, parse_method_options
+from ..safe_io import OutputNotWritableError, as_write_error, describe, require_writable, staged_folder
 from .arg_types import (
     method_option,
     nonnegative_float,
@@ -370,6 +371,9 @@ def command_train(args) -> dict:
             raise CliError(str(error)) from error
     check_model_fits_task(model.config, args.task)
     _check_output_folder(args.output)
+    if args.hankel_weight == 0 and (args.hankel_every != 1 or args.hankel_reuse):
+        raise CliError("--hankel-every/--hankel-reuse schedule the Hankel penalty, which is off: they need "
+                       "--hankel-weight > 0")
     schedule = reduction_schedule(args)
     splits, data_options = load_data(args)
     if len(splits["validation"]) == 0:
@@ -400,8 +404,17 @@ def command_train(args) -> dict:
 
 
 def _check_output_folder(path: str) -> None:
+    """A folder to create or fill: refused if it is a file or cannot be written (before any work)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CliError(f"--output {path} is a file, not a folder; choose a new folder")
+    _check_writable(path)
+
+
+def _check_writable(path: str) -> None:
+    try:
+        require_writable(path, "--output")
+    except OutputNotWritableError as error:
+        raise CliError(str(error)) from error
 
 
 class TrainingStopped(Exception):
@@ -433,7 +446,14 @@ def command_compress(args) -> dict:
                                   calibration_data=calibration, **options)
     except (TypeError, ValueError) as error:
         raise CliError(str(error)) from error
-    compressed.save_pretrained(args.output)
+    try:  # written completely, then renamed into place: a failure leaves no half-written model
+        with staged_folder(args.output) as staging:
+            compressed.save_pretrained(staging)
+    except Exception as error:
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        raise CliError(f"cannot write the compressed model to {args.output}: {describe(failure)}") from error
     report = compressed.compression_report
     energies = [layer.layer_kept_energy for layer in report.layers]
     return {"output": args.output, "method": args.method, "d_state": compressed.config.d_state,
@@ -493,6 +513,8 @@ def command_evaluate(args) -> dict:
 
     if args.output and os.path.exists(args.output):
         raise CliError(f"{args.output} already exists; choose a new file for the metrics")
+    if args.output:
+        _check_writable(args.output)  # before the evaluation, not after it
     model = load_model(args.model)
     check_model_fits_task(model.config, args.task)
     splits, _ = load_data(args)
@@ -503,8 +525,11 @@ def command_evaluate(args) -> dict:
                                progress=not args.no_progress, description=f"evaluate {args.split}")
     metrics = {"model": args.model, "task": args.task, "split": args.split, **metrics}
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2)
+        try:
+            with open(args.output, "x", encoding="utf-8") as handle:
+                json.dump(metrics, handle, indent=2)
+        except OSError as error:
+            raise CliError(f"cannot write the metrics to {args.output}: {describe(error)}") from error
     return metrics
 
 
@@ -515,6 +540,7 @@ def command_export(args) -> dict:
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the export")
     if args.int8 and args.format != "onnx":
         raise CliError("--int8 quantises with onnxruntime: it needs --format onnx")
+    _check_writable(args.output)
     model = load_model(args.model)
     try:
         description = export_model(model, args.output, format=args.format, int8=args.int8)
@@ -528,6 +554,7 @@ def command_export(args) -> dict:
 def command_reproduce(args) -> dict:
     from ..experiments.reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
 
+    _check_output_folder(args.output)
     budgets = default_budgets(args.task)
     if args.budget not in budgets:
         raise CliError(f"unknown budget {args.budget!r} for task {args.task}; known: {', '.join(budgets)}")
@@ -562,14 +589,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from ..training import RunFolderError
+    from ..training import RunFolderError, RunWriteError
 
     hf_logging.disable_progress_bar()  # our own progress bars only
 
     try:
         result = COMMANDS[args.command](args)
-    except (CliError, RunFolderError) as error:
+    except (CliError, RunFolderError, RunWriteError) as error:
         parser.exit(2, f"s4bt {args.command}: error: {_one_line(error)}\n")
+    except Exception as error:  # a file that cannot be read or written (disk full, permissions): named, no traceback
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        where = f"{failure.filename}: " if failure.filename else ""
+        parser.exit(2, f"s4bt {args.command}: error: {_one_line(where + describe(failure))}\n")
     except TrainingStopped as error:
         parser.exit(1, f"s4bt {args.command}: error: {_one_line(error)}\n")
     if os.environ.get("RANK", "0") == "0":  # one summary line, also under `accelerate launch`

@@ -155,12 +155,14 @@ class StageCache:
         folder = self.folder(name, config)
         result_path = os.path.join(folder, "result.json")
         if os.path.exists(result_path):
+            result = _read_result(result_path)
             log(f"{name}: done before, skipped")
-            with open(result_path, encoding="utf-8") as handle:
-                return json.load(handle)
+            return result
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "stage_config.json"), "w", encoding="utf-8") as handle:
+        config_path = os.path.join(folder, "stage_config.json")  # written for the reader; never read back
+        with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, default=str)
+        os.replace(config_path + ".tmp", config_path)
         started = time.time()
         result = {**work(folder), "seconds": round(time.time() - started, 2), "folder": folder}
         with open(result_path + ".tmp", "w", encoding="utf-8") as handle:
@@ -168,6 +170,21 @@ class StageCache:
         os.replace(result_path + ".tmp", result_path)
         log(f"{name}: {_short(result)}")
         return result
+
+
+def _read_result(path: str) -> dict:
+    """A finished stage's result.json; a ValueError naming it if it cannot be read (the stage is not
+    redone silently: its folder may hold a finished training run that would be refused)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}); delete "
+                         f"its stage folder {os.path.dirname(path)} to run that stage again") from error
+    if not isinstance(result, dict):
+        raise ValueError(f"{path} is not a stage result (a JSON object); delete its stage folder "
+                         f"{os.path.dirname(path)} to run that stage again")
+    return result
 
 
 def _short(result: dict) -> str:

@@ -7,25 +7,29 @@ state passed in and returned explicitly (see `streaming_real.py`). The output fo
 
     model.onnx | .pt2 | .pte  the graph: (inputs, *states) -> (output, *new_states)
     model.int8.onnx           with `int8=True`: linear layers int8 (dynamic), SSM recurrence fp32
-    export.json               inputs, outputs and states: names, shapes, dtypes; checks; file sizes
+    export.json               inputs, outputs and states: names, shapes, dtypes; the vocabulary size;
+                              checks; each graph's size and SHA-256 (verified by `load_exported`)
     README.md, config.json    the model card and configuration of the exported model
 
-`load_exported(folder)` (loader.py) runs an exported folder from Python. Not part of the remote code
-of checkpoints (modeling_s4dss.py does not import it).
+`load_exported(folder)` (loader.py) runs an exported folder from Python after checking it against
+export.json (description.py). Not part of the remote code of checkpoints (modeling_s4dss.py does
+not import it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 
 import torch
+
+from ..safe_io import staged_folder
 
 EXPORT_FORMATS = ("onnx", "torch", "executorch")
 DESCRIPTION_FILE = "export.json"
@@ -35,6 +39,8 @@ EXPORT_EXTRA = 'pip install "s4bt-hf[export]"'
 EXECUTORCH_EXTRA = 'pip install "s4bt-hf[executorch]"'
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 CHECK_STEPS = 32  # steps compared against eager streaming right after export
+# onnxruntime's CPU kernels have no float64 Erf (GELU) and no bfloat16 Gemm: such graphs export but cannot run
+ONNX_UNSUPPORTED_DTYPES = (torch.float64, torch.bfloat16)
 
 
 class ExportDependencyError(ImportError):
@@ -82,14 +88,13 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
                               "written. Choose a new folder.")
     module = model.streaming_module()  # refuses bidirectional models and training mode
     if format == "onnx":
+        _check_onnx_dtypes(model)
         require_export_dependencies()
     if format == "executorch":
         require_export_dependencies(("executorch",), "ExecuTorch export", EXECUTORCH_EXTRA)
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".s4bt-export-", dir=parent)  # renamed into place when complete
-    try:
+    # written in a staging folder renamed into place when complete (stale ones of killed exports are removed)
+    with staged_folder(output_dir) as staging:
         graph_path = os.path.join(staging, GRAPH_FILES[format])
         with _quiet_exporter():
             opset = None
@@ -102,20 +107,33 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
             if int8:
                 _quantize_int8(graph_path, os.path.join(staging, INT8_FILE))
         description = describe(model, module, format, int8, opset)
+        # the graphs are complete: record what `load_exported` verifies, then check through that same path
+        graphs = sorted(os.listdir(staging))
+        description["file_bytes"] = {name: os.path.getsize(os.path.join(staging, name)) for name in graphs}
+        description["sha256"] = {name: _sha256(os.path.join(staging, name)) for name in graphs}
         description["check"] = _check_against_eager(model, module, staging, description)
-        description["file_bytes"] = {
-            name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))
-        }
         _write_card_and_config(model, staging, description)
         with open(os.path.join(staging, DESCRIPTION_FILE), "w", encoding="utf-8") as handle:
             json.dump(description, handle, indent=2)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above); fails rather than overwrite if filled since
-        os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return description
+
+
+def _check_onnx_dtypes(model) -> None:
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.dtype in ONNX_UNSUPPORTED_DTYPES:
+            raise ValueError(
+                f"ONNX export needs a float32 (or float16) model: this one holds {_dtype_name(tensor.dtype)} tensors "
+                f"(`{name}`), which onnxruntime cannot run on CPU. Convert it first with `model.float()` (in place; "
+                "`copy.deepcopy(model).float()` keeps the original), or export with `format='torch'`."
+            )
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -230,6 +248,7 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
             "n_layers": config.n_layers,
             "d_state": list(module.d_states),
             "input": "input_ids" if module.uses_tokens else "input_values",
+            "vocab_size": config.vocab_size if module.uses_tokens else None,
             "pooling": config.pooling if module.is_classifier else None,
             "num_labels": config.num_labels if module.is_classifier else None,
             "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
@@ -265,7 +284,7 @@ def _check_against_eager(model, module, folder: str, description: dict) -> dict:
     if description["int8_graph"]:
         graphs["int8_max_abs_error"] = description["int8_graph"]
     for key_name, graph in graphs.items():
-        runner = ExportedStreamingModel(folder, description, graph)
+        runner = ExportedStreamingModel(folder, description, graph, trust_pickle=True)  # the graph just written
         outputs = runner.run(inputs)
         result[key_name] = float((torch.as_tensor(outputs) - expected).abs().max())
     result["max_abs_output"] = float(expected.abs().max())

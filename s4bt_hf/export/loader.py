@@ -1,21 +1,36 @@
 """Run an exported folder (written by `export_model`) from Python: onnxruntime for `.onnx`,
-`torch.export.load` for `.pt2`, the ExecuTorch runtime for `.pte`; every input is checked against
-export.json before it reaches the runtime."""
+`torch.export.load` for `.pt2` (only with `trust_pickle=True`), the ExecuTorch runtime for `.pte`.
+export.json is validated and the graph verified against it (description.py) before a runtime reads
+it; every input is checked against export.json before it reaches the runtime.
+
+Why only `.pt2` needs a flag: `torch.export.load` unpickles the entries a program marks as pickled,
+so a crafted file runs code when loaded (as `torch.load` without `weights_only`). onnxruntime parses
+a protobuf graph and ExecuTorch a FlatBuffers program (verified for internal consistency here) with
+no Python deserialisation: a crafted file can give wrong outputs, not run Python code.
+"""
 
 from __future__ import annotations
 
-import json
+import io
 import os
 
 import torch
 
-from .exporter import DESCRIPTION_FILE, EXECUTORCH_EXTRA, require_export_dependencies
+from .description import DESCRIPTION_FILE, read_description, read_verified_graph, validate_description
+from .exporter import EXECUTORCH_EXTRA, require_export_dependencies
+
+PICKLE_REFUSED = (
+    "{graph} is a torch.export program: `torch.export.load` unpickles parts of it, which can run arbitrary code "
+    "from whoever wrote the file. Load it only if you trust its source, with `load_exported(folder, "
+    "trust_pickle=True)`; ONNX and ExecuTorch exports need no such flag."
+)
 
 
 class ExportedStreamingModel:
-    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`,
-    the ExecuTorch runtime for `.pte`.
-    Every input is checked against export.json before it reaches the runtime.
+    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`
+    (only with `trust_pickle=True`), the ExecuTorch runtime for `.pte`. The description is validated
+    and the graph verified before it is loaded; every input (token ids: their range too) is checked
+    against export.json before it reaches the runtime.
 
         runner = load_exported("exported/")            # or load_exported(folder, int8=True)
         state = runner.initial_state(batch_size=1)
@@ -23,27 +38,44 @@ class ExportedStreamingModel:
             output, state = runner.step(x_t, state)
     """
 
-    def __init__(self, folder: str, description: dict, graph: str):
+    def __init__(self, folder: str, description: dict, graph: str, *, trust_pickle: bool = False):
+        if not isinstance(trust_pickle, bool):
+            raise TypeError(f"`trust_pickle` must be a bool, got {type(trust_pickle).__name__}.")
+        folder = os.fspath(folder)
+        validate_description(description, os.path.join(folder, DESCRIPTION_FILE))
+        if graph not in (description["graph"], description["int8_graph"]) or graph is None:
+            raise ValueError(f"`graph` must be a graph named in {DESCRIPTION_FILE} ({description['graph']}"
+                             + (f" or {description['int8_graph']}" if description["int8_graph"] else "")
+                             + f"), got {graph!r}.")
+        format = description["format"]
+        if format == "torch" and not trust_pickle:
+            raise ValueError(PICKLE_REFUSED.format(graph=os.path.join(folder, graph)))
         self.folder = folder
         self.description = description
         self.graph = graph
         self.inputs = description["inputs"]
-        path = os.path.join(folder, graph)
+        model = description["model"]
+        self.vocab_size = model.get("vocab_size") if model["input"] == "input_ids" else None
         self.session = self._program = self._method = None
-        if graph.endswith(".onnx"):
+        # the runtime gets the verified bytes, not the path: nothing can be swapped in between
+        if format == "onnx":
             require_export_dependencies(("onnxruntime",))
             import onnxruntime
 
+            data = read_verified_graph(folder, description, graph)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = 1  # one position per call: threads only add overhead
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        elif graph.endswith(".pte"):
+            self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        elif format == "executorch":
             require_export_dependencies(("executorch",), "Running an ExecuTorch program", EXECUTORCH_EXTRA)
-            from executorch.runtime import Runtime
+            from executorch.runtime import Runtime, Verification
 
-            self._method = Runtime.get().load_program(path).load_method("forward")
+            data = read_verified_graph(folder, description, graph)
+            program = Runtime.get().load_program(data, verification=Verification.InternalConsistency)
+            self._method = program.load_method("forward")
         else:
-            self._program = torch.export.load(path).module()
+            data = read_verified_graph(folder, description, graph)
+            self._program = torch.export.load(io.BytesIO(data)).module()
 
     def initial_state(self, batch_size: int) -> list:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -73,10 +105,21 @@ class ExportedStreamingModel:
                 )
         return batch
 
+    def _check_token_ids(self, inputs) -> None:
+        """The graph's Gather wraps a negative id (-1 reads the last row): refuse ids outside the vocabulary."""
+        ids = torch.as_tensor(inputs).reshape(-1).tolist()  # one position: a few ids, cheapest as a list
+        if ids:
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"`inputs` holds token ids outside the vocabulary [0, {self.vocab_size}) "
+                                 f"(model.vocab_size in {DESCRIPTION_FILE}): min {low}, max {high}.")
+
     def step(self, inputs, state):
         """One position: `inputs` and the state list -> (output, new state list)."""
         values = [inputs, *state]
         self._check(values)
+        if self.vocab_size is not None:
+            self._check_token_ids(inputs)
         if self.session is not None:
             feed = {entry["name"]: (value.numpy() if isinstance(value, torch.Tensor) else value)
                     for entry, value in zip(self.inputs, values, strict=True)}
@@ -98,14 +141,23 @@ class ExportedStreamingModel:
         return torch.stack(outputs)
 
 
-def load_exported(folder, *, int8: bool = False) -> ExportedStreamingModel:
-    """Open a folder written by `export_model` (its int8 graph with `int8=True`)."""
-    path = os.path.join(os.fspath(folder), DESCRIPTION_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} holds no {DESCRIPTION_FILE}: not a folder written by `export_model`.")
-    with open(path, encoding="utf-8") as handle:
-        description = json.load(handle)
+def load_exported(folder, *, int8: bool = False, trust_pickle: bool = False) -> ExportedStreamingModel:
+    """Open a folder written by `export_model` (its int8 graph with `int8=True`).
+
+    export.json is validated first (one `ExportFolderError` naming the file and the field), then the
+    graph is checked to be a plain file of the folder with the size and SHA-256 recorded at export.
+    A folder exported before checksums were recorded loads with a warning.
+
+    Args:
+        trust_pickle: needed for a `.pt2` (`format="torch"`) folder, because `torch.export.load`
+            unpickles parts of the program, which can run code: pass True only for a folder you
+            trust (like transformers' `trust_remote_code`). ONNX and ExecuTorch folders ignore it.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"`folder` must be a path, got {type(folder).__name__}.")
+    folder = os.fspath(folder)
+    description = read_description(folder)
     graph = description["int8_graph"] if int8 else description["graph"]
     if graph is None:
         raise ValueError(f"{folder} holds no int8 graph: export with `int8=True` (`--int8`).")
-    return ExportedStreamingModel(os.fspath(folder), description, graph)
+    return ExportedStreamingModel(folder, description, graph, trust_pickle=trust_pickle)

@@ -2,8 +2,10 @@
 the S4 parameter groups."""
 
 from .accelerate_trainer import (
+    CheckpointError,
     NonFiniteLossError,
     RunFolderError,
+    RunWriteError,
     TrainingConfig,
     TrainResult,
     evaluate_model,
@@ -15,10 +17,12 @@ from .hf_trainer import ReductionCallback, S4DSSTrainer
 from .reduction_schedule import ReductionSchedule
 
 __all__ = [
+    "CheckpointError",
     "NonFiniteLossError",
     "ReductionCallback",
     "ReductionSchedule",
     "RunFolderError",
+    "RunWriteError",
     "S4DSSTrainer",
     "TrainResult",
     "TrainingConfig",

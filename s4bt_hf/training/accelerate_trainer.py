@@ -8,31 +8,44 @@ automatic resume from the latest one, a JSON-lines metric log and a final `save_
 
 Run folder (`output_dir`):
     run_config.json      the training and model configuration (a resume must match it)
-    checkpoints/step_N/  `Accelerator.save_state` + trainer progress, written atomically
+    checkpoints/step_N/  `Accelerator.save_state` + trainer_progress.json (+ hankel_term.safetensors with
+                         `hankel_reuse`, reduction.json after a scheduled reduction), written atomically
     metrics.jsonl        one JSON object per logged step / evaluation (main process)
     best/                `save_pretrained` of the model with the best validation accuracy
     final/               `save_pretrained` of the last model, with `run_summary.json`
+    .lock                held (flock) by the process writing the folder: one run per folder
+
+The trainer's own state is written as JSON and safetensors, never pickled: resuming never runs code
+from the folder. A checkpoint with a file that cannot be read is skipped for the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from ..compression_report import CompressionReport
+from ..safe_io import FolderBusyError, as_write_error, describe, hold_folder
+from ..safe_io.folder_lock import LOCK_FILE
 from .evaluation import evaluation_metrics
 from .hankel_penalty import dss_kernels
 from .hankel_term import HankelTerm
@@ -43,8 +56,17 @@ RUN_CONFIG_FILE = "run_config.json"
 SUMMARY_FILE = "run_summary.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-_COMPLETE_MARKER = "trainer_progress.json"
+PROGRESS_FILE = "trainer_progress.json"  # the trainer's progress, written last: it marks a checkpoint complete
+_COMPLETE_MARKER = PROGRESS_FILE
+HANKEL_STATE_FILE = "hankel_term.safetensors"  # the kept value and gradient of `HankelTerm` (hankel_reuse)
 REDUCTION_FILE = "reduction.json"  # in a checkpoint written after a scheduled reduction
+# earlier versions registered the progress (0) and the HankelTerm (1) with Accelerate, which pickles them
+_LEGACY_STATE_FILE = "custom_checkpoint_{}.pkl"
+_LEGACY_STATE_PATTERN = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+# the files of `Accelerator.save_state` we check before resuming (random_states: the one of each process)
+_ACCELERATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +124,10 @@ class TrainingConfig:
         _require_int("hankel_every", self.hankel_every, minimum=1)
         if not isinstance(self.hankel_reuse, bool):
             raise TypeError(f"TrainingConfig: `hankel_reuse` must be True or False, got {self.hankel_reuse!r}.")
+        if self.hankel_weight == 0 and (self.hankel_every != 1 or self.hankel_reuse):
+            # refused, not ignored: without a weight they do nothing, so they most likely mean a forgotten weight
+            raise ValueError("TrainingConfig: `hankel_every`/`hankel_reuse` schedule the Hankel penalty, which is off "
+                             "(`hankel_weight` is 0); set `hankel_weight` > 0 or leave them at their defaults.")
         self.reduction = ReductionSchedule.coerce(self.reduction)
         if self.on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"TrainingConfig: `on_nonfinite_loss` must be 'stop' or 'skip', "
@@ -134,7 +160,28 @@ def _require_real(name: str, value) -> None:
 
 
 class RunFolderError(ValueError):
-    """The output folder cannot be used for this run (finished run, other configuration)."""
+    """The output folder cannot be used for this run (finished run, other configuration, another
+    run writing it, no intact checkpoint, a corrupt file)."""
+
+
+class RunWriteError(OSError):
+    """A file of the run could not be written (disk full, no permission); the message names it,
+    `errno` and `filename` are the failed write's."""
+
+    def __init__(self, message: str, errno_: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message, self.errno, self.filename = message, errno_, filename
+
+    def __str__(self):
+        return self.message
+
+
+class CheckpointError(ValueError):
+    """A file of a checkpoint cannot be read; `path` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,7 +200,7 @@ class TrainResult:
 
 
 class _Progress:
-    """Trainer progress saved inside every checkpoint (registered with the Accelerator)."""
+    """Trainer progress saved inside every checkpoint (`PROGRESS_FILE`, JSON)."""
 
     def __init__(self):
         self.step = 0
@@ -168,6 +215,17 @@ class _Progress:
     def load_state_dict(self, state):
         self.step, self.best_accuracy, self.best_step = state["step"], state["best_accuracy"], state["best_step"]
         self.skipped_batches = state.get("skipped_batches", 0)  # absent in checkpoints of older versions
+
+    @staticmethod
+    def check(state, path: str) -> dict:
+        """`state` if it is a progress record, else `CheckpointError` naming `path`."""
+        number = (int, float, type(None))
+        if not (isinstance(state, dict) and {"step", "best_accuracy", "best_step"} <= set(state)
+                and type(state["step"]) is int and state["step"] >= 0
+                and isinstance(state.get("best_accuracy"), number) and isinstance(state.get("best_step"), number)
+                and type(state.get("skipped_batches", 0)) is int):
+            raise CheckpointError(path, "not a trainer progress record")
+        return state
 
 
 def train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_fn=None) -> TrainResult:
@@ -211,8 +269,10 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
     """Train `model` (an S4-DSS model, trained in place; the run's weights are saved in
     `config.output_dir`) on `train_dataset`, evaluating on `eval_dataset` (or never, if None),
     and return a summary. Resumes automatically from the latest complete checkpoint of
-    `config.output_dir`; refuses a folder holding a finished run or a run of another
-    configuration. `collate_fn` defaults to `PadCollator` (pads `input_ids`, stacks `input_values`).
+    `config.output_dir` (the newest intact one, with a warning, if a file of it cannot be read);
+    refuses (RunFolderError) a folder holding a finished run, a run of another configuration, or
+    one another run is writing. `collate_fn` defaults to `PadCollator` (pads `input_ids`, stacks
+    `input_values`). A file that cannot be written (full disk) raises RunWriteError naming it.
 
     A non-finite loss (NaN/Inf inputs, or a diverged model) stops the run with
     `NonFiniteLossError` (`config.on_nonfinite_loss="skip"` leaves such batches out instead), and
@@ -229,18 +289,41 @@ def _train(model, train_dataset, eval_dataset, config: TrainingConfig, collate_f
     )
     _check_compression_options(model, config, _planned_total_steps(config, len(train_dataset), accelerator))
     run_config = {"training": _comparable(config), "model": model.config.to_dict()}
-    resume_dir = _prepare_run_folder(config.output_dir, run_config, accelerator)
-    set_seed(config.seed)
-    run = _prepare_run(accelerator, model, train_dataset, eval_dataset, config, collate_fn)
-    if resume_dir is not None:
-        _resume(run, resume_dir)
-    run.bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train",
-                   disable=not (config.progress and accelerator.is_local_main_process))
-    try:
-        _train_loop(run)
-    finally:
-        run.bar.close()
-    return _finish(run)
+    with _one_writer(config.output_dir, accelerator):
+        resume_dir = _prepare_run_folder(config.output_dir, run_config, accelerator)
+        set_seed(config.seed)
+        run = _prepare_run(accelerator, model, train_dataset, eval_dataset, config, collate_fn)
+        if resume_dir is not None:
+            _resume(run)
+        run.bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train",
+                       disable=not (config.progress and accelerator.is_local_main_process))
+        try:
+            _train_loop(run)
+        finally:
+            run.bar.close()
+        return _finish(run)
+
+
+@contextlib.contextmanager
+def _one_writer(output_dir: str, accelerator):
+    """Hold the run folder's lock (`safe_io.hold_folder`) for the run: a second run on the same
+    folder is refused instead of deleting this one's checkpoints. Only the main process locks; the
+    others learn the outcome from it, so all raise or all go on."""
+    _refuse_foreign_folder(output_dir)  # before the lock file is created in it
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(hold_folder(output_dir, "training run"))
+            except FolderBusyError as error:
+                refusal = str(error)
+            except OSError as error:
+                refusal = f"cannot create the run folder {output_dir}: {error.strerror or error}"
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise RunFolderError(refusal)
+        yield
 
 
 def _check_datasets(train_dataset, eval_dataset) -> None:
@@ -276,14 +359,12 @@ def _prepare_run(accelerator, model, train_dataset, eval_dataset, config: Traini
     scheduler = accelerator.prepare(
         get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     )
-    progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-    run = _Run(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress,
+    # the progress and the Hankel term are saved by `_save_checkpoint` itself (JSON, safetensors), not
+    # registered with the Accelerator: it would pickle them, and unpickle a run folder's file on resume
+    run = _Run(config, accelerator, model, optimizer, scheduler, train_loader, eval_loader, _Progress(),
                steps_per_epoch, total_steps)
     if config.hankel_weight > 0:
         run.hankel = HankelTerm(config.hankel_weight, config.hankel_every, config.hankel_reuse)
-        if config.hankel_reuse:  # its kept gradient is part of the run's state
-            accelerator.register_for_checkpointing(run.hankel)
     if config.reduction is not None:
         run.reduction_step = config.reduction.step(total_steps)
     return run
@@ -310,18 +391,173 @@ def _check_compression_options(model, config: TrainingConfig, total_steps: int) 
                              "distributed wrapper holds the parameters it was built with).")
 
 
-def _resume(run: _Run, resume_dir: str) -> None:
+def _resume(run: _Run) -> None:
+    """Load the newest intact checkpoint (`_intact_checkpoint`) into the run."""
+    resume_dir, progress = _intact_checkpoint(run)
     reduction_file = os.path.join(resume_dir, REDUCTION_FILE)
     if os.path.exists(reduction_file):  # a checkpoint after the reduction: the model must have its shapes first
-        with open(reduction_file, encoding="utf-8") as handle:
-            saved = json.load(handle)
+        saved = _read_json(reduction_file)
         model = run.accelerator.unwrap_model(run.model)
         swap_optimizer_parameters(run.optimizer, resize_dss_layers(model, saved["d_states"]))
         model.compression_report = CompressionReport.from_dict(saved["report"])
         run.reduced_at = saved["report"]["training"]["step"]
-    run.accelerator.load_state(resume_dir)
+    try:
+        with _without_legacy_state(resume_dir) as readable:
+            run.accelerator.load_state(readable)
+    except Exception as error:  # the files were readable (checked) but do not fit this run
+        raise RunFolderError(f"cannot resume from {resume_dir}: {type(error).__name__}: {error}") from error
+    run.progress.load_state_dict(progress)
+    if run.hankel is not None and run.hankel.reuse:
+        _load_hankel_state(run.hankel, resume_dir)
     run.resumed_from = run.progress.step
     _truncate_log(run.config.output_dir, run.progress.step, run.accelerator)
+
+
+def _complete_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints (with their progress file), newest first."""
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    steps = [int(name[5:]) for name in os.listdir(root) if re.fullmatch(r"step_\d+", name)
+             and os.path.exists(os.path.join(root, name, _COMPLETE_MARKER))]
+    return [os.path.join(root, f"step_{step}") for step in sorted(steps, reverse=True)]
+
+
+def _intact_checkpoint(run: _Run) -> tuple[str, dict]:
+    """The newest complete checkpoint whose files can all be read, and its progress record; the
+    broken ones are skipped with a warning naming the bad file. RunFolderError if none is left."""
+    accelerator, broken = run.accelerator, []
+    for checkpoint in _complete_checkpoints(run.config.output_dir):
+        try:
+            progress = _check_checkpoint(checkpoint, run, accelerator.process_index)
+        except CheckpointError as error:
+            broken.append(error)
+            progress = None
+        if accelerator.num_processes > 1:  # every process resumes from the main process's choice
+            progress = broadcast_object_list([progress])[0]
+        if progress is not None:
+            if broken and accelerator.is_main_process:
+                logger.warning(f"resuming from {checkpoint}, the newest intact checkpoint; skipped "
+                               + "; ".join(str(error) for error in broken))
+            return checkpoint, progress
+    raise RunFolderError(f"no intact checkpoint in {os.path.join(run.config.output_dir, CHECKPOINT_DIR)}: "
+                         + "; ".join(str(error) for error in broken)
+                         + ". Delete the broken checkpoint folders to start the run afresh.")
+
+
+def _check_checkpoint(checkpoint: str, run: _Run, process_index: int) -> dict:
+    """Read every file of `checkpoint` that a resume loads (nothing is unpickled: Accelerate's files
+    through its `load`, which uses `torch.load(weights_only=True)`); returns the progress record.
+    Raises CheckpointError naming the first file that cannot be read."""
+    progress = _read_progress(checkpoint)
+    if os.path.exists(os.path.join(checkpoint, REDUCTION_FILE)):
+        saved = _read_json(os.path.join(checkpoint, REDUCTION_FILE))
+        if not (isinstance(saved, dict) and isinstance(saved.get("d_states"), list)
+                and isinstance(saved.get("report"), dict)):
+            raise CheckpointError(os.path.join(checkpoint, REDUCTION_FILE), "not a reduction record")
+    if run.hankel is not None and run.hankel.reuse:
+        _read_hankel_state(checkpoint)
+    for name in (*_ACCELERATE_FILES, f"random_states_{process_index}.pkl"):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".safetensors"):
+                load_file(path)
+            else:
+                accelerate_load(path, map_location="cpu")
+        except Exception as error:  # missing, truncated, corrupt or unsafe (a pickle of code) files
+            raise CheckpointError(path, _reason(error)) from error
+    return progress
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    text = " ".join(str(error).split())
+    return f"cannot be read ({type(error).__name__}: {text[:200]})"
+
+
+def _read_json(path: str):
+    """The JSON content of `path`; CheckpointError (a ValueError) naming it if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(path, _reason(error)) from error
+
+
+def _read_progress(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, PROGRESS_FILE)
+    state = _read_json(path)
+    if isinstance(state, dict) and "best_accuracy" not in state:  # an earlier version's: the progress was pickled
+        path = os.path.join(checkpoint, _LEGACY_STATE_FILE.format(0))
+        state = _load_legacy_state(path)
+    return _Progress.check(state, path)
+
+
+def _load_legacy_state(path: str):
+    """A state an earlier version registered with Accelerate, read without running code from it
+    (`weights_only=True`: tensors, numbers, strings, lists and dicts only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(path, _reason(error)) from error
+
+
+def _read_hankel_state(checkpoint: str) -> dict | None:
+    """The `HankelTerm.state_dict()` saved in `checkpoint`, or None when it kept nothing."""
+    path = os.path.join(checkpoint, HANKEL_STATE_FILE)
+    if os.path.exists(path):
+        try:
+            tensors = load_file(path)
+            value = tensors.pop("value").item()
+            gradients = [tensors.pop(f"gradient_{index}") for index in range(len(tensors))]
+        except Exception as error:
+            raise CheckpointError(path, _reason(error)) from error
+        return {"value": value, "gradients": gradients}
+    legacy = os.path.join(checkpoint, _LEGACY_STATE_FILE.format(1))
+    if os.path.exists(legacy):
+        state = _load_legacy_state(legacy)
+        if not (isinstance(state, dict) and "value" in state and "gradients" in state):
+            raise CheckpointError(legacy, "not a Hankel term state")
+        return state
+    return None
+
+
+def _load_hankel_state(hankel: HankelTerm, checkpoint: str) -> None:
+    state = _read_hankel_state(checkpoint)
+    if state is None or state["value"] is None:
+        hankel.clear()
+    else:
+        hankel.load_state_dict(state)
+
+
+def _save_hankel_state(hankel: HankelTerm, folder: str) -> None:
+    state = hankel.state_dict()
+    if state["value"] is None:
+        return
+    tensors = {f"gradient_{index}": gradient.detach().cpu().contiguous()
+               for index, gradient in enumerate(state["gradients"])}
+    save_file({**tensors, "value": torch.tensor(state["value"], dtype=torch.float64)},
+              os.path.join(folder, HANKEL_STATE_FILE))
+
+
+@contextlib.contextmanager
+def _without_legacy_state(checkpoint: str):
+    """`checkpoint`, or, if it holds Accelerate's pickled custom states (an earlier version's, or
+    planted), a temporary folder of links to its other files: `Accelerator.load_state` would unpickle
+    those with weights_only=False (we read them ourselves, safely)."""
+    names = os.listdir(checkpoint)
+    if not any(_LEGACY_STATE_PATTERN.match(name) for name in names):
+        yield checkpoint
+        return
+    view = tempfile.mkdtemp(prefix="s4bt-resume-")
+    try:
+        for name in names:
+            if not _LEGACY_STATE_PATTERN.match(name):
+                os.symlink(os.path.abspath(os.path.join(checkpoint, name)), os.path.join(view, name))
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)  # the links only
 
 
 def _train_loop(run: _Run) -> None:
@@ -433,7 +669,7 @@ def _after_optimizer_step(run: _Run) -> None:
                                         or step == run.total_steps):
         _evaluate_and_keep_best(run)
     if step % (config.save_every or run.steps_per_epoch) == 0 and step < run.total_steps:
-        _save_checkpoint(run.accelerator, config, step, extra_files=_reduction_files(run))
+        _save_checkpoint(run)
 
 
 def _log_training_loss(run: _Run) -> None:
@@ -474,7 +710,8 @@ def _finish(run: _Run) -> TrainResult:
     result = TrainResult(run.config.output_dir, progress.step, progress.best_accuracy, progress.best_step,
                          run.last_metrics, run.resumed_from, progress.skipped_batches)
     if accelerator.is_main_process:
-        with open(os.path.join(final_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+        summary = os.path.join(final_dir, SUMMARY_FILE)
+        with _writing(summary), open(summary, "w", encoding="utf-8") as handle:
             json.dump({**asdict(result), "num_processes": accelerator.num_processes}, handle, indent=2)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -522,23 +759,47 @@ def _prepare_run_folder(output_dir: str, run_config: dict, accelerator) -> str |
                 os.remove(os.path.join(output_dir, METRICS_FILE))
         accelerator.wait_for_everyone()
     elif os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        differences = _differences(_with_defaults(saved), json.loads(json.dumps(run_config, default=str)))
+        try:
+            saved = _read_json(config_path)
+            if not isinstance(saved, dict) or not isinstance(saved.get("training", {}), dict):
+                raise CheckpointError(config_path, "not a run configuration")
+        except CheckpointError as error:
+            raise RunFolderError(f"{error}; restore it, or choose another output folder") from error
+        current = json.loads(json.dumps(run_config, default=str))
+        differences = _differences(_inert_hankel_options(_with_defaults(saved)), _inert_hankel_options(current))
         if differences:
             raise RunFolderError(f"{output_dir} holds a run with another configuration; differing fields: "
                                  f"{', '.join(differences)}. Use another output folder or the same settings.")
-    elif os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise RunFolderError(f"{output_dir} exists and is not a run folder of this trainer (no {RUN_CONFIG_FILE}); "
-                             "choose an empty or new folder.")
+    else:
+        _refuse_foreign_folder(output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        if not os.path.exists(config_path):
-            with open(config_path, "w", encoding="utf-8") as handle:
-                json.dump(run_config, handle, indent=2, default=str)
+        with _writing(config_path):
+            os.makedirs(output_dir, exist_ok=True)
+            if not os.path.exists(config_path):
+                with open(config_path, "w", encoding="utf-8") as handle:
+                    json.dump(run_config, handle, indent=2, default=str)
     accelerator.wait_for_everyone()
     return latest_checkpoint(output_dir)
+
+
+def _refuse_foreign_folder(output_dir: str) -> None:
+    """RunFolderError unless `output_dir` is new, empty (but for the lock file) or a run folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RunFolderError(f"{output_dir} is a file, not a folder; choose a new folder for the run.")
+    if os.path.isdir(output_dir) and not os.path.exists(os.path.join(output_dir, RUN_CONFIG_FILE)):
+        if set(os.listdir(output_dir)) - {LOCK_FILE}:
+            raise RunFolderError(f"{output_dir} exists and is not a run folder of this trainer (no "
+                                 f"{RUN_CONFIG_FILE}); choose an empty or new folder.")
+
+
+def _inert_hankel_options(run_config: dict) -> dict:
+    """`hankel_every`/`hankel_reuse` at their defaults when `hankel_weight` is 0 (they do nothing then;
+    earlier versions accepted other values, and such a run still resumes)."""
+    training = run_config.get("training")
+    if isinstance(training, dict) and training.get("hankel_weight") == 0:
+        training.update(hankel_every=1, hankel_reuse=False)
+    return run_config
 
 
 def _has_started(output_dir: str) -> bool:
@@ -582,44 +843,70 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint with the highest step, or None."""
-    root = os.path.join(output_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return None
-    complete = [
-        name for name in os.listdir(root)
-        if name.startswith("step_") and os.path.exists(os.path.join(root, name, _COMPLETE_MARKER))
-    ]
-    if not complete:
-        return None
-    return os.path.join(root, max(complete, key=lambda name: int(name.split("_")[1])))
+    """The complete checkpoint with the highest step, or None (a resume may fall back to an older one
+    if a file of it cannot be read)."""
+    complete = _complete_checkpoints(output_dir)
+    return complete[0] if complete else None
 
 
-def _save_checkpoint(accelerator, config: TrainingConfig, step: int, extra_files: dict | None = None) -> None:
-    """`save_state` into a temporary folder renamed into place, so a run killed mid-write never
-    leaves a checkpoint that looks complete; keeps the newest `keep_checkpoints`. `extra_files`:
-    {name: JSON-able object} written into the checkpoint too."""
+def _save_checkpoint(run: _Run) -> None:
+    """`save_state`, the trainer's progress (JSON, written last: it marks the checkpoint complete),
+    the Hankel term's kept gradient and the reduction record, into a temporary folder renamed into
+    place, so a run killed mid-write never leaves a checkpoint that looks complete; keeps the
+    newest `keep_checkpoints`. A full disk removes the partial folder and raises RunWriteError."""
+    accelerator, config, step = run.accelerator, run.config, run.progress.step
     root = os.path.join(config.output_dir, CHECKPOINT_DIR)
     final = os.path.join(root, f"step_{step}")
     partial = os.path.join(root, f".partial_step_{step}")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
+        with _writing(root):
+            os.makedirs(root, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
+    try:
+        with _writing(partial):
+            accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with _writing(partial):
+                for name, content in _reduction_files(run).items():
+                    _write_json(os.path.join(partial, name), content)
+                if run.hankel is not None and run.hankel.reuse:
+                    _save_hankel_state(run.hankel, partial)
+                _write_json(os.path.join(partial, PROGRESS_FILE), run.progress.state_dict())
+    except RunWriteError:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)  # what it holds is useless, and takes the space
+        raise
     if accelerator.is_main_process:
-        for name, content in (extra_files or {}).items():
-            with open(os.path.join(partial, name), "w", encoding="utf-8") as handle:
-                json.dump(content, handle)
-        with open(os.path.join(partial, _COMPLETE_MARKER), "w", encoding="utf-8") as handle:
-            json.dump({"step": step}, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        steps = sorted(int(name.split("_")[1]) for name in os.listdir(root) if name.startswith("step_"))
+        steps = sorted(int(name.split("_")[1]) for name in os.listdir(root) if re.fullmatch(r"step_\d+", name))
         for old in steps[: -config.keep_checkpoints]:
             shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _write_json(path: str, content) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """Turn a failed write under `path` (full disk, no permission; `safe_io.as_write_error`) into
+    RunWriteError naming the file."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except Exception as error:
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        where = failure.filename or path
+        raise RunWriteError(f"cannot write {where}: {describe(failure)}; the run folder keeps its last complete "
+                            "checkpoint, from which the same command resumes", failure.errno, where) from error
 
 
 def _save_model(accelerator, model, directory: str) -> None:
@@ -635,7 +922,8 @@ def _save_model(accelerator, model, directory: str) -> None:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar on every save
     try:
-        unwrapped.save_pretrained(directory, is_main_process=accelerator.is_main_process)
+        with _writing(directory):
+            unwrapped.save_pretrained(directory, is_main_process=accelerator.is_main_process)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -644,16 +932,38 @@ def _save_model(accelerator, model, directory: str) -> None:
 
 def _log(output_dir: str, accelerator, record: dict) -> None:
     if accelerator.is_main_process:
-        with open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+        path = os.path.join(output_dir, METRICS_FILE)
+        with _writing(path), open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(output_dir: str, step: int, accelerator) -> None:
-    """Drop log records written after the checkpoint we resume from (they will be redone)."""
+    """Drop log records written after the checkpoint we resume from (they will be redone). A last
+    line cut short (a kill while it was written) is dropped with a warning; any other line that is
+    not a JSON record is an error naming the file and line (the log is left as it is)."""
     path = os.path.join(output_dir, METRICS_FILE)
     if accelerator.is_main_process and os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            records = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.writelines(records)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().split("\n")
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                record_step = record["step"]
+                if not isinstance(record_step, (int, float)):
+                    raise TypeError(f"step {record_step!r}")
+            except (ValueError, KeyError, TypeError) as error:
+                if number == len(lines):  # no newline after it: its write was cut short
+                    logger.warning(f"{path}: dropped the last line {number}, cut short ({_reason(error)})")
+                    continue
+                raise RunFolderError(f"{path} line {number} is not a metric record ({_reason(error)}); fix or "
+                                     "delete that line to resume") from error
+            if record_step <= step:
+                kept.append(line + "\n")
+        with _writing(path):
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+            os.replace(path + ".tmp", path)
     accelerator.wait_for_everyone()

@@ -8,7 +8,7 @@
                              gradient λ · g (θ₀: the parameters at the last evaluation)
 
 Why reuse: `every=k` alone regularises markedly less than `every=1` at the same λ (measured:
-README, "Compression-aware training"), most likely because Adam divides a gradient that appears
+docs/compression-aware-training.md), most likely because Adam divides a gradient that appears
 on one step in k with k times the weight by a second-moment estimate that those spikes inflate.
 Reusing the last gradient keeps the penalty's push on every step at 1/k of the cost; the
 parameters move little in k steps, so the stale gradient is close to the exact one (the same

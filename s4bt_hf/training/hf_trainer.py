@@ -221,6 +221,9 @@ def _check_hankel_options(hankel_weight, hankel_every, hankel_reuse) -> None:
         raise TypeError(f"S4DSSTrainer: `hankel_every` must be an int, got {hankel_every!r}.")
     if hankel_every < 1:
         raise ValueError(f"S4DSSTrainer: `hankel_every` must be >= 1, got {hankel_every}.")
+    if hankel_weight == 0 and (hankel_every != 1 or hankel_reuse):
+        raise ValueError("S4DSSTrainer: `hankel_every`/`hankel_reuse` schedule the Hankel penalty, which is off "
+                         "(`hankel_weight` is 0); set `hankel_weight` > 0 or leave them at their defaults.")
 
 
 class ReductionCallback(TrainerCallback):
