@@ -50,7 +50,6 @@ AUTO_MAP = {
 }
 
 
-
 class IncompleteCheckpointWarning(UserWarning):
     """`from_pretrained` loaded a checkpoint that does not fill the model (see `_warn_incomplete_checkpoint`)."""
 
@@ -132,10 +131,10 @@ class S4DSSHubMixin:
         Also: a local folder without `config.json` is one `OSError` naming it (transformers would
         build a default configuration and fail on the weights' shapes), and a checkpoint that does
         not fill the model (weight tensors missing, or layers in the weights that `config.json`
-        does not describe) gives a `UserWarning` besides transformers' load report, which may be
-        silenced by its logging verbosity. A missing classification head is warned about only for
-        a checkpoint saved from this class (loading a base model under a new head is the usual
-        fine-tuning start)."""
+        does not describe) gives an `IncompleteCheckpointWarning` (a `UserWarning`) besides
+        transformers' load report, which its logging verbosity may silence. A missing classification
+        head is warned about only for a checkpoint saved from this class (loading a base model under
+        a new head is the usual fine-tuning start)."""
         _check_local_checkpoint(pretrained_model_name_or_path, kwargs)
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,

@@ -251,3 +251,24 @@ def test_weights_given_as_a_state_dict_need_no_folder():
     model, messages = _load_warnings(lambda: S4DSSForSequenceClassification.from_pretrained(None, config=config,
                                                                                             state_dict=state))
     assert messages == [] and all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in state.items())
+
+
+# ----------------------------------------------------------------------------- input magnitudes (documented)
+
+
+@pytest.mark.parametrize("norm, prenorm", [("layer", True), ("layer", False), ("batch", True)])
+def test_the_documented_input_magnitudes(norm, prenorm):
+    """float32: values of 1e20 at valid positions give finite logits; 1e30 gives non-finite logits with
+    LayerNorm (the hidden activations' squares overflow near 1e19 · 1e19); float64 takes 1e30."""
+    torch.manual_seed(0)
+    config = S4DSSConfig(input_dim=1, d_model=8, n_layers=2, d_state=8, num_labels=3, norm=norm, prenorm=prenorm)
+    model = S4DSSForSequenceClassification(config).eval()
+    inputs = torch.rand(2, 64, 1) * 2 - 1
+
+    def logits(module, scale, dtype=torch.float32):
+        with torch.no_grad():
+            return module(input_values=(inputs * scale).to(dtype)).logits
+
+    assert torch.isfinite(logits(model, 1e20)).all()
+    assert torch.isfinite(logits(model, 1e30)).all() == (norm == "batch")  # BatchNorm in eval: running statistics
+    assert torch.isfinite(logits(model.double(), 1e30, torch.float64)).all()
