@@ -8,7 +8,7 @@ The options of a method are declared once, next to its registration (`METHOD_OPT
 declaration is the one check of `model.reduce(...)`, `ReductionSchedule` and the command line's
 `--option`/`--reduce-option NAME=VALUE` (`check_method_options`, `parse_method_options`).
 
-This file is copied into saved checkpoints (remote code): it imports only torch and siblings.
+This file is copied into saved checkpoints (remote code): it imports only the standard library and siblings.
 """
 
 from __future__ import annotations
