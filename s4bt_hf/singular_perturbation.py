@@ -123,6 +123,10 @@ def _residualize_flat(system: DiagonalSystem, rank: int, pad_mode: complex) -> R
                 eigenvalues, layer_residues, rank, pad_mode)
             condition[done], pending[done] = cond[fits], False
             kept[select[~fits]] -= 1  # one real pole too many: keep one state less
-    # systems with nothing above rounding level keep nothing and gain no direct term
+    # a system with no state above rounding level (e.g. every mode vanished within one step: a
+    # kernel at lag 0 only) is residualised whole: D_r = D + C E⁻¹ B is its DC gain, and every
+    # row's gain goes to the skip (zero for a zero system)
+    empty = kept == 0
+    feedthrough[empty] = system.dc_gain()[empty]
     return ReducedModes(modes=reduced_modes, residues=residues, padding=padding, feedthrough=feedthrough,
                         details=balanced_details(sigma, kept, shift, condition))

@@ -417,3 +417,34 @@ def test_reduce_to_modes_zero_system_is_exactly_zero():
         assert torch.equal(result.residues, torch.zeros_like(result.residues))
         assert (result.modes == 0.25).all()
         assert result.details["error_bound"].tolist() == [0.0]
+
+
+# ----------------------------------------------------------------------------- last guard of the write-back
+
+
+def _poisoned(method, channels, factor):
+    """`method` with the residues of `channels` multiplied by `factor` (NaN, or an overflow)."""
+    def reduce(system, rank, **options):
+        result = method(system, rank, **options)
+        result.residues[channels] = result.residues[channels] * factor
+        return result
+    reduce.__signature__ = __import__("inspect").signature(method)
+    return reduce
+
+
+@pytest.mark.parametrize("factor, dtype, names", [(float("nan"), torch.float64, "NaN"),
+                                                   (1e80, torch.float32, "float32")], ids=["nan", "float32-overflow"])
+def test_write_back_never_stores_non_finite_parameters(monkeypatch, factor, dtype, names):
+    """Whatever a method returns, `reduce` stores no NaN or Inf: it raises naming the layer, the
+    parameter, every channel concerned (and the dtype), and the model is left as it was."""
+    from s4bt_hf import reduction_methods
+    from s4bt_hf.balanced_truncation import balanced_truncation
+
+    monkeypatch.setitem(reduction_methods.REDUCTION_METHODS, "balanced_truncation",
+                        _poisoned(balanced_truncation, [2, 5], factor))
+    model = _build(dtype=dtype)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 0, channel\(s\) \[2, 5\]: the reduced parameter `[BC]`") as info:
+        model.reduce("balanced_truncation", 2)
+    assert names in str(info.value) and "nothing was written" in str(info.value)
+    _assert_unchanged(before, model)

@@ -282,3 +282,31 @@ def test_budget_allocation_is_optimal_by_brute_force():
             assert ours == pytest.approx(best, rel=1e-12, abs=1e-12), (trial, total, ranks)
     with pytest.raises(ValueError, match="budget of 2 modes"):
         allocate_ranks(gains, 2)
+
+
+@pytest.mark.parametrize("method", sorted(REDUCTION_METHODS))
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_vanished_discrete_modes_are_exact_zeros(method, outputs):
+    """Discrete modes below the smallest normal float64 (exp(Δλ) with Δ Re λ < -708: decayed
+    within one step) are exactly 0 for every method: the same finite result as with zeros, and
+    a system of only such modes is its lag-0 term, reduced exactly."""
+    generator = torch.Generator().manual_seed(5)
+    input_vec = torch.randn(3, 4, generator=generator, dtype=torch.complex128)
+    output_vec = torch.randn(3, outputs, 4, generator=generator, dtype=torch.complex128)
+    zeros = torch.zeros(3, 4, dtype=torch.complex128)
+    zeros[0, :2] = torch.tensor([0.5, 0.3 + 0.4j])  # channel 0 mixes live and vanished modes
+    subnormal = zeros.clone()
+    subnormal[1:] = torch.polar(torch.full((2, 4), 6.2e-320, dtype=torch.float64),
+                                torch.rand(2, 4, generator=generator, dtype=torch.float64) * 6)
+    subnormal[0, 2:] = 1e-315
+    results = [REDUCTION_METHODS[method](DiagonalSystem(modes, input_vec, output_vec), 2)
+               for modes in (subnormal, zeros)]
+    for name in ("modes", "residues", "feedthrough"):
+        assert torch.isfinite(getattr(results[0], name)).all(), name
+        torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), rtol=1e-12, atol=1e-14)
+    if method == "modal_truncation":
+        return  # keeps 2 of the 4 modes unchanged by design (their bound is checked elsewhere)
+    # channels 1 and 2: every row's kernel is K_0 = Re Σ w alone, reduced exactly (one state at 0)
+    lag0 = DiagonalSystem(zeros, input_vec, output_vec).residues()[1:].sum(-1).real
+    kept = results[1].residues[1:].sum(-1).real + results[1].feedthrough[1:]
+    torch.testing.assert_close(kept, lag0, rtol=1e-10, atol=1e-12)
