@@ -12,7 +12,7 @@ import torch
 from test_balanced_truncation import kernel, random_continuous_systems, random_discrete_systems
 
 from s4bt_hf.balanced_truncation import balanced_truncation, real_realization
-from s4bt_hf.diagonal_system import CONTINUOUS, DISCRETE, DiagonalSystem, error_h2_norm_squared
+from s4bt_hf.diagonal_system import CONTINUOUS, DISCRETE, DiagonalSystem, error_h2_norm_squared, modal_dc_gain
 from s4bt_hf.h2_reduction import h2_optimal, optimal_residues
 from s4bt_hf.modal_truncation import modal_truncation
 from s4bt_hf.rank_budget import allocate_ranks, discarded_energy, rank_gains
@@ -310,3 +310,29 @@ def test_vanished_discrete_modes_are_exact_zeros(method, outputs):
     lag0 = DiagonalSystem(zeros, input_vec, output_vec).residues()[1:].sum(-1).real
     kept = results[1].residues[1:].sum(-1).real + results[1].feedthrough[1:]
     torch.testing.assert_close(kept, lag0, rtol=1e-10, atol=1e-12)
+
+
+def test_singular_perturbation_never_writes_a_delay_as_a_lag0_mode(monkeypatch):
+    """A reduced pole at 0 on a lag-0 row holds a pure one-step delay, which the layer's form
+    w/μ cannot hold: that order is not used (one state less, as for a real pole too many), instead
+    of dividing by zero. Forced here by zeroing the smallest eigenvalue of every reduction of
+    more than one state; the result then keeps one state, and still the DC gain."""
+    from s4bt_hf import singular_perturbation as module
+
+    original = module.diagonalize
+
+    def with_a_pole_at_zero(state, input_vec, output_vec):
+        eigenvalues, residues, condition = original(state, input_vec, output_vec)
+        if state.shape[-1] > 1:
+            smallest = eigenvalues.abs().argmin(-1, keepdim=True)
+            eigenvalues = eigenvalues.scatter(-1, smallest, torch.zeros_like(smallest, dtype=eigenvalues.dtype))
+        return eigenvalues, residues, condition
+
+    monkeypatch.setattr(module, "diagonalize", with_a_pole_at_zero)
+    bank = DiagonalSystem(*systems(DISCRETE, 1, seed=3, count=4, num_modes=5), DISCRETE)
+    reduced = singular_perturbation(bank, 2)
+    assert torch.equal(reduced.details["kept_states"], torch.ones(4, dtype=torch.int64))
+    for tensor in (reduced.modes, reduced.residues, reduced.feedthrough):
+        assert torch.isfinite(tensor).all()
+    gain = modal_dc_gain(reduced.modes, reduced.residues, DISCRETE).sum(-1) + reduced.feedthrough
+    torch.testing.assert_close(gain, bank.dc_gain(), rtol=1e-9, atol=1e-10)

@@ -23,11 +23,11 @@ METHODS = [("balanced_truncation", {}), ("singular_perturbation", {}), ("modal_t
            ("modal_truncation", {"match_dc": True}), ("h2", {})]
 
 
-def _model(bidirectional):
+def _model(bidirectional, dtype=torch.float64):
     torch.manual_seed(0)
     config = S4DSSConfig(input_dim=2, d_model=len(STEPS), n_layers=1, d_state=6, num_labels=2,
                          bidirectional=bidirectional)
-    model = S4DSSForSequenceClassification(config).to(torch.float64).eval()
+    model = S4DSSForSequenceClassification(config).to(dtype).eval()
     kernel = model.base_model.layers[0].kernel
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -219,3 +219,17 @@ def test_every_step_with_refit_gives_finite_weights_and_no_worse_output(sweep, t
     assert np.isfinite(after).all()
     # the refit minimises ‖y - Xθ‖² + α‖θ - θ₀‖², so it never ends above its start θ₀
     assert np.all(after <= before + 1e-6), (method, time, before, after)
+
+
+@pytest.mark.parametrize("time", ["discrete", "continuous"])
+def test_every_step_in_a_float32_model_gives_finite_weights_and_outputs(time):
+    """The same sweep stored in float32 (vanished modes as Δ Re λ = -800, whose exp is 0 in float32
+    too): finite parameters and finite outputs for every method."""
+    model = _model(bidirectional=False, dtype=torch.float32)
+    inputs = _calibration()[0]["input_values"].float()
+    for method, options in METHODS:
+        compressed = model.reduce(method, RANK, time=time, **options)
+        for name, parameter in compressed.named_parameters():
+            assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all(), (method, name)
+        with torch.no_grad():
+            assert torch.isfinite(compressed(input_values=inputs).logits).all(), method
