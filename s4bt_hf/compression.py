@@ -100,7 +100,7 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
         for report, errors in zip(reports, refit_output_maps(model, compressed, batches), strict=True):
             report.refit = errors
         for index, layer in enumerate(compressed.base_model.layers):
-            check_finite_parameters(index, layer.kernel, {"C": layer.kernel.C, "D": layer.kernel.D})
+            check_finite_parameters(index, layer.kernel, {"C": layer.kernel.C, "D": layer.kernel.D}, stage="refit")
     compressed.compression_report = CompressionReport(
         time=time,
         kernel_length=kernel_length,
@@ -184,18 +184,20 @@ def _layer_system(index: int, kernel, time: str):
     return torch.exp(log_a_bar), input_bar, output_rows, log_dt
 
 
-def check_finite_parameters(index: int, kernel, parameters: dict) -> None:
-    """The last guard of the write-back: a reduction never stores a NaN or Inf (also none that
-    appears only in the model's own dtype, e.g. a float32 overflow). Raises naming the layer,
-    the parameter and every channel concerned."""
+def check_finite_parameters(index: int, kernel, parameters: dict, stage: str = "reduction") -> None:
+    """The last guard of the write-back: a reduction (or the refit after it, `stage="refit"`) never
+    stores a NaN or Inf (also none that appears only in the model's own dtype, e.g. a float32
+    overflow). Raises naming the layer, the parameter and every channel concerned."""
+    hint = ("Try another method, a larger rank or time='continuous'." if stage == "reduction" else
+            "Try the reduction without `calibration_data`, or other calibration batches.")
     for name, value in parameters.items():
         stored = value.detach().to(getattr(kernel, name).dtype)
         bad = ~torch.isfinite(stored)
         if bad.any():
             channels = _channels_of(bad, name)
-            raise ValueError(f"reduce: layer {index}, channel(s) {channels}: the reduced parameter `{name}` would "
-                             f"hold NaN or Inf in {stored.dtype}; nothing was written (the original model is "
-                             "unchanged). Try another method, a larger rank or time='continuous'.")
+            raise ValueError(f"reduce: layer {index}, channel(s) {channels}: the {stage} gives parameter `{name}` "
+                             f"NaN or Inf in {stored.dtype}; nothing was returned (the original model is "
+                             f"unchanged). {hint}")
 
 
 def _channels_of(bad: torch.Tensor, name: str) -> list[int]:

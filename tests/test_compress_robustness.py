@@ -444,7 +444,29 @@ def test_write_back_never_stores_non_finite_parameters(monkeypatch, factor, dtyp
                         _poisoned(balanced_truncation, [2, 5], factor))
     model = _build(dtype=dtype)
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"layer 0, channel\(s\) \[2, 5\]: the reduced parameter `[BC]`") as info:
+    with pytest.raises(ValueError, match=r"layer 0, channel\(s\) \[2, 5\]: the reduction gives parameter `[BC]`") \
+            as info:
         model.reduce("balanced_truncation", 2)
-    assert names in str(info.value) and "nothing was written" in str(info.value)
+    assert names in str(info.value) and "nothing was returned" in str(info.value)
+    _assert_unchanged(before, model)
+
+
+def test_refit_never_stores_non_finite_parameters(monkeypatch):
+    """The same guard after the data-aware refit: a NaN it would write is refused by name."""
+    from s4bt_hf import compression
+
+    refit = compression.refit_output_maps
+
+    def poisoned_refit(original, reduced, batches):
+        errors = refit(original, reduced, batches)
+        with torch.no_grad():
+            reduced.s4dss.layers[1].kernel.C[0, 3, 1, 0] = float("nan")
+        return errors
+
+    monkeypatch.setattr(compression, "refit_output_maps", poisoned_refit)
+    model = _build()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 1, channel\(s\) \[3\]: the refit gives parameter `C` NaN or Inf.*"
+                                         r"without `calibration_data`"):
+        model.reduce("modal_truncation", 2, calibration_data={"input_values": _inputs(torch.float32)})
     _assert_unchanged(before, model)
