@@ -75,6 +75,7 @@ from .diagonal_system import (
     TIME_DOMAINS,
     DiagonalSystem,
     ReducedModes,
+    flush_vanished_modes,
     gramian_kernel,
     reduce_in_chunks,
 )
@@ -427,6 +428,7 @@ def hankel_singular_values(modes, input_vec, output_vec, time: str = DISCRETE) -
     `reduce_to_modes` for the arguments), computed in float64: the singular values of L_oᵀ L_c,
     for one output the |eigenvalues| of the symmetric L_cᵀ S L_c (`symmetric_hankel_product`)."""
     modes, input_vec, output_vec = (t.to(torch.complex128) for t in (modes, input_vec, output_vec))
+    modes = flush_vanished_modes(modes, time)
     if output_vec.shape[-2] == 1:
         input_vec, output_vec = residue_form(input_vec, output_vec)
         reach_factor = psd_factor(reachability_gramian(modes, input_vec, time))[0]

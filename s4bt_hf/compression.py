@@ -21,7 +21,7 @@ import torch
 
 from .balanced_truncation import hankel_singular_values, kept_energy
 from .compression_report import CompressionReport, LayerCompression
-from .diagonal_system import CONTINUOUS, DISCRETE, TIME_DOMAINS, DiagonalSystem, modal_dc_gain
+from .diagonal_system import CONTINUOUS, DISCRETE, TIME_DOMAINS, VANISHED_MAGNITUDE, DiagonalSystem, modal_dc_gain
 from .kernel_s4dss import vandermonde_kernel, zoh_discretize
 from .rank_budget import allocate_ranks, modes_for_budget, rank_gains
 from .reduction_methods import REDUCTION_METHODS, check_method_options
@@ -32,7 +32,10 @@ SSM_PARAMETER_NAMES = ("log_dt", "log_A_real", "A_imag", "B", "C", "D")
 _PADDING_MODE = complex(-0.5, 0.0)
 # A reduced discrete mode must lie strictly inside the unit circle for log|μ| < 0 to exist.
 _MAX_DISCRETE_MAGNITUDE = 1.0 - 1e-12
-_MIN_DISCRETE_MAGNITUDE = 1e-300
+# A reduced discrete mode that has vanished (|μ| < VANISHED_MAGNITUDE, e.g. exactly 0: a state
+# that lives one step) has no logarithm; it is stored as Δ Re λ = -800, whose exp is exactly 0 in
+# float32 and float64, so the layer reproduces it exactly (residue at lag 0, nothing after).
+_VANISHED_DECAY = 800.0
 
 
 def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=None, budget=None,
@@ -98,6 +101,8 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
     if batches is not None:
         for report, errors in zip(reports, refit_output_maps(model, compressed, batches), strict=True):
             report.refit = errors
+        for index, layer in enumerate(compressed.base_model.layers):
+            check_finite_parameters(index, layer.kernel, {"C": layer.kernel.C, "D": layer.kernel.D}, stage="refit")
     compressed.compression_report = CompressionReport(
         time=time,
         kernel_length=kernel_length,
@@ -190,6 +195,29 @@ def _layer_system(index: int, kernel, time: str):
     return torch.exp(log_a_bar), input_bar, output_rows, log_dt
 
 
+def check_finite_parameters(index: int, kernel, parameters: dict, stage: str = "reduction") -> None:
+    """The last guard of the write-back: a reduction (or the refit after it, `stage="refit"`) never
+    stores a NaN or Inf (also none that appears only in the model's own dtype, e.g. a float32
+    overflow). Raises naming the layer, the parameter and every channel concerned."""
+    hint = ("Try another method, a larger rank or time='continuous'." if stage == "reduction" else
+            "Try the reduction without `calibration_data`, or other calibration batches.")
+    for name, value in parameters.items():
+        stored = value.detach().to(getattr(kernel, name).dtype)
+        bad = ~torch.isfinite(stored)
+        if bad.any():
+            channels = _channels_of(bad, name)
+            raise ValueError(f"reduce: layer {index}, channel(s) {channels}: the {stage} gives parameter `{name}` "
+                             f"NaN or Inf in {stored.dtype}; nothing was returned (the original model is "
+                             f"unchanged). {hint}")
+
+
+def _channels_of(bad: torch.Tensor, name: str) -> list[int]:
+    """Every channel with a True in `bad`, laid out like kernel parameter `name` (C: (p, H, r, 2))."""
+    if name == "C":
+        bad = bad.transpose(0, 1)
+    return bad.reshape(bad.shape[0], -1).any(-1).nonzero().squeeze(-1).tolist()
+
+
 def _channel_of(bad: torch.Tensor, name: str) -> int | str:
     if name in ("log_dt", "D", "log_A_real", "A_imag", "B"):
         return bad.reshape(bad.shape[0], -1).any(-1).nonzero()[0].item()
@@ -218,12 +246,12 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
     if time == DISCRETE:
         magnitude = reduced.abs()
         too_large = magnitude > _MAX_DISCRETE_MAGNITUDE
-        too_small = magnitude < _MIN_DISCRETE_MAGNITUDE
-        adjusted = (too_large | too_small) & ~result.padding
-        phase = torch.where(magnitude > 0, reduced / magnitude.clamp_min(1e-320), torch.ones_like(reduced))
-        reduced = torch.where(too_large, phase * _MAX_DISCRETE_MAGNITUDE, reduced)
-        reduced = torch.where(too_small, phase * _MIN_DISCRETE_MAGNITUDE, reduced)
-        continuous = torch.log(reduced) / dt
+        vanished = magnitude < VANISHED_MAGNITUDE
+        adjusted = too_large & ~result.padding
+        reduced = torch.where(too_large, torch.polar(torch.full_like(magnitude, _MAX_DISCRETE_MAGNITUDE),
+                                                     reduced.angle()), reduced)
+        continuous = torch.log(torch.where(vanished, torch.ones_like(reduced), reduced)) / dt
+        continuous = torch.where(vanished, torch.complex(-_VANISHED_DECAY / dt, torch.zeros_like(dt)), continuous)
     else:
         unstable = (reduced.real >= 0) & ~result.padding
         adjusted = unstable
@@ -238,7 +266,7 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
     # residue w = c·b: split as b = sqrt(‖w‖), c = w / b so both vectors have similar size
     residues = result.residues  # (H, p, r)
     scale = residues.abs().square().sum(-2).sqrt().sqrt()  # (H, r)
-    has_weight = scale > 0
+    has_weight = scale != 0  # NaN must reach the final check, not become a zero output
     input_bar = torch.where(has_weight, scale, torch.ones_like(scale)).to(torch.complex128)
     output_vec = torch.where(has_weight.unsqueeze(-2), residues / input_bar.unsqueeze(-2), torch.zeros_like(residues))
     unchanged = _unchanged_modes(kernel, bank, result)
@@ -260,6 +288,7 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
         "C": torch.view_as_real(output_vec.permute(1, 0, 2).contiguous()),
         "D": skip,
     }
+    check_finite_parameters(index, kernel, parameters)
     kernel_error, kernel_norm, dc_gain_error = _kernel_errors(kernel, parameters, kernel_length)
     report = LayerCompression(
         layer=index,

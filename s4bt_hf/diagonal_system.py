@@ -28,6 +28,11 @@ TIME_DOMAINS = (DISCRETE, CONTINUOUS)
 
 # Systems reduced together: small enough to stay in cache, large enough to amortise overhead.
 _CHUNK_SIZE = 64
+# A discrete mode below the smallest normal float64 has decayed to nothing within one step (e.g.
+# exp(Δλ) with Δ Re λ < -708): it contributes w at lag 0 and less than |w|·2.2e-308 at every later
+# lag, below float64 resolution. As a subnormal it has lost its digits and overflows every
+# division by it (1/a, phase a/|a|), so it is taken as exactly 0 (`flush_vanished_modes`).
+VANISHED_MAGNITUDE = torch.finfo(torch.float64).tiny
 
 
 def gramian_kernel(x: torch.Tensor, y: torch.Tensor, time: str) -> torch.Tensor:
@@ -87,8 +92,11 @@ class DiagonalSystem:
         return self.modes.shape[:-1]
 
     def to_complex128(self) -> DiagonalSystem:
-        return DiagonalSystem(*(t.to(torch.complex128) for t in (self.modes, self.input_vec, self.output_vec)),
-                              time=self.time, first_lags=self.first_lags)
+        """The same systems in complex128, vanished discrete modes exactly 0 (`flush_vanished_modes`):
+        the form every reduction method works on."""
+        modes, input_vec, output_vec = (t.to(torch.complex128) for t in (self.modes, self.input_vec, self.output_vec))
+        return DiagonalSystem(flush_vanished_modes(modes, self.time), input_vec, output_vec, time=self.time,
+                              first_lags=self.first_lags)
 
     def flatten(self) -> DiagonalSystem:
         """The same systems stacked along one leading axis."""
@@ -113,6 +121,17 @@ class DiagonalSystem:
     def h2_norm_squared(self) -> torch.Tensor:
         """Σ over output rows of Σ_k K_k² (discrete) or ∫ g(t)² dt (continuous), (...,), in closed form."""
         return residue_h2_norm_squared(self.modes, self.residues(), self.time)
+
+
+def flush_vanished_modes(modes: torch.Tensor, time: str) -> torch.Tensor:
+    """Discrete modes with |a| < `VANISHED_MAGNITUDE` set to exactly 0 (continuous modes unchanged).
+
+    At a = 0 every closed form is exact: κ(0, y) = 1 (`gramian_kernel`), the mode is a one-step
+    state whose kernel is w at lag 0 and 0 after, its Hankel singular values and residues follow
+    from the Gramians as for any other mode. The kernel changes by less than |w|·2.2e-308 per lag."""
+    if time != DISCRETE:
+        return modes
+    return torch.where(modes.abs() < VANISHED_MAGNITUDE, torch.zeros_like(modes), modes)
 
 
 def modal_dc_gain(modes: torch.Tensor, residues: torch.Tensor, time: str) -> torch.Tensor:

@@ -348,7 +348,8 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
                 |w|/(1 - |ā|), unchanged; option `match_dc=True` moves the dropped modes' DC gain
                 into D (modal singular perturbation).
             `"h2"`: minimises each channel's H2 (kernel ℓ2) error from the balanced truncation of the
-                same rank, never worse than it; option `max_iterations` (L-BFGS, default 50).
+                same rank, never worse than it; option `max_iterations` (L-BFGS, default 50, at
+                most 10000; it stops earlier at convergence).
 
         Args:
             rank (`int` or `list[int]`), tol (`float`): as in `balanced_truncate` (tol picks ranks
@@ -359,7 +360,8 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
             time (`str`): `"discrete"` (default) or `"continuous"` system.
             kernel_length (`int`): length over which the report measures the kernel error.
             workers (`int`): threads for the reduction (default: torch's thread count).
-            calibration_data (`dict` of tensors or a list of them): batches the model takes; if
+            calibration_data (a batch, a `dict` of tensors or numpy arrays, or any iterable of them, e.g.
+                a `DataLoader`): batches the model takes; if
                 given, each channel's output vectors C and skip D are refit by least squares so that
                 every reduced layer reproduces the original layer's output on its real inputs.
             **method_options: options of the method (see above).

@@ -26,7 +26,7 @@ This file is copied into saved checkpoints (remote code): it imports only torch 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -40,43 +40,84 @@ _RIDGE = 1e-6
 
 def check_calibration_data(model, calibration_data) -> list[dict]:
     """The calibration batches as a list of dicts of tensors the model takes; a clear error naming
-    `calibration_data` for anything else (checked on the model itself, without changing it)."""
+    `calibration_data` (and the batch) for anything else, checked on the model itself without
+    changing it. Accepts one batch (a dict), or any iterable of batches (a list, a generator, a
+    torch `DataLoader`); values may be tensors or arrays (numpy). A batch is refused if it is
+    empty, holds NaN or Inf, or drives a DSS layer's input or output to NaN or Inf: the refit's
+    least squares would fit NaN output maps."""
     if isinstance(calibration_data, Mapping):
         batches = [calibration_data]
-    elif isinstance(calibration_data, (list, tuple)):
+    elif isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (torch.Tensor, str, bytes)):
         batches = list(calibration_data)
     else:
         raise TypeError("`calibration_data` must be a batch (a dict of tensors such as {'input_values': ..., "
-                        "'attention_mask': ...}) or a list of such batches, got "
+                        "'attention_mask': ...}) or an iterable of such batches (a list, a DataLoader), got "
                         f"{type(calibration_data).__name__}.")
     if not batches:
         raise ValueError("`calibration_data` holds no batch.")
-    checked = []
-    for index, batch in enumerate(batches):
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"`calibration_data` batch {index} must be a dict of tensors, got {type(batch).__name__}.")
-        unknown = sorted(set(batch) - set(_ACCEPTED_KEYS))
-        if unknown:
-            raise ValueError(f"`calibration_data` batch {index} has key(s) {unknown} the model does not take "
-                             f"(accepted: {', '.join(_ACCEPTED_KEYS)}).")
-        inputs = [key for key in _INPUT_KEYS if key in batch]
-        if len(inputs) != 1:
-            raise ValueError(f"`calibration_data` batch {index} must hold exactly one of {', '.join(_INPUT_KEYS)}, "
-                             f"got {inputs or 'none'}.")
-        for key in batch:
-            if not isinstance(batch[key], torch.Tensor):
-                raise TypeError(f"`calibration_data` batch {index}: `{key}` must be a torch.Tensor, got "
-                                f"{type(batch[key]).__name__}.")
-        batch = {key: value for key, value in batch.items() if key != "labels"}
-        # one forward now (the refit runs them again later) so that a batch that does not fit fails
-        # before the reduction's work, with a message naming `calibration_data`
+    return [_checked_batch(model, index, batch) for index, batch in enumerate(batches)]
+
+
+def _checked_batch(model, index: int, batch) -> dict:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"`calibration_data` batch {index} must be a dict of tensors, got {type(batch).__name__}.")
+    unknown = sorted(set(batch) - set(_ACCEPTED_KEYS))
+    if unknown:
+        raise ValueError(f"`calibration_data` batch {index} has key(s) {unknown} the model does not take "
+                         f"(accepted: {', '.join(_ACCEPTED_KEYS)}).")
+    inputs = [key for key in _INPUT_KEYS if key in batch]
+    if len(inputs) != 1:
+        raise ValueError(f"`calibration_data` batch {index} must hold exactly one of {', '.join(_INPUT_KEYS)}, "
+                         f"got {inputs or 'none'}.")
+    batch = {key: _as_tensor(index, key, value) for key, value in batch.items() if key != "labels"}
+    values = batch[inputs[0]]
+    if values.dim() == 0 or values.shape[0] == 0:
+        raise ValueError(f"`calibration_data` batch {index}: `{inputs[0]}` holds no sequence (batch size 0, shape "
+                         f"{tuple(values.shape)}).")
+    # one forward now (the refit runs them again later) so that a batch that does not fit fails
+    # before the reduction's work, with a message naming `calibration_data`
+    overflow = []
+
+    def watch(module, args, output, layer):
+        if not (torch.isfinite(args[0]).all() and torch.isfinite(output).all()):
+            overflow.append(layer)
+
+    handles = [layer.kernel.register_forward_hook(lambda m, a, o, layer=number: watch(m, a, o, layer))
+               for number, layer in enumerate(model.base_model.layers)]
+    try:
+        with torch.no_grad(), _evaluation(model):
+            model(**batch)
+    except (ValueError, TypeError, RuntimeError, IndexError) as error:
+        raise ValueError(f"`calibration_data` batch {index} does not fit the model: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    bad = ~torch.isfinite(values) if values.is_floating_point() else torch.zeros_like(values, dtype=torch.bool)
+    if "attention_mask" in batch:  # padded positions never reach the model (the forward checked the mask)
+        valid = batch["attention_mask"].to(device=bad.device, dtype=torch.bool)
+        bad &= valid.view(*valid.shape, *[1] * (bad.dim() - 2))
+    if bad.any():
+        raise ValueError(f"`calibration_data` batch {index}: `{inputs[0]}` holds NaN or Inf at valid positions (first "
+                         f"at index {tuple(bad.nonzero()[0].tolist())}); the refit would fit NaN output maps.")
+    if overflow:
+        raise ValueError(f"`calibration_data` batch {index}: the input or output of DSS layer {overflow[0]} "
+                         "overflows to NaN or Inf on this batch (values too large for the model's dtype); the "
+                         "refit would fit NaN output maps. Scale the batch down.")
+    return batch
+
+
+def _as_tensor(index: int, key: str, value) -> torch.Tensor:
+    """A batch value as a tensor: tensors as they are, arrays (numpy, anything with `__array__`)
+    converted; anything else refused naming the batch and the key."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "__array__"):
         try:
-            with torch.no_grad(), _evaluation(model):
-                model(**batch)
-        except (ValueError, TypeError, RuntimeError, IndexError) as error:
-            raise ValueError(f"`calibration_data` batch {index} does not fit the model: {error}") from error
-        checked.append(batch)
-    return checked
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"`calibration_data` batch {index}: `{key}` cannot be read as a tensor: {error}") from error
+    raise TypeError(f"`calibration_data` batch {index}: `{key}` must be a torch.Tensor or an array, got "
+                    f"{type(value).__name__}.")
 
 
 @contextmanager

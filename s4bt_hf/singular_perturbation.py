@@ -42,7 +42,7 @@ from .balanced_truncation import (
     project_system,
     truncation_projectors,
 )
-from .diagonal_system import DISCRETE, DiagonalSystem, ReducedModes, reduce_in_chunks
+from .diagonal_system import DISCRETE, VANISHED_MAGNITUDE, DiagonalSystem, ReducedModes, reduce_in_chunks
 
 
 def residualize(state: torch.Tensor, input_vec: torch.Tensor, output_vec: torch.Tensor, order: int, time: str):
@@ -109,20 +109,29 @@ def _residualize_flat(system: DiagonalSystem, rank: int, pad_mode: complex) -> R
                                       right_all[select, :, :size], left_all[select, :, :size])
             state, reduced_in, reduced_out, direct = residualize(*balanced, order, time)
             eigenvalues, modal_residues, cond = diagonalize(state, reduced_in, reduced_out)
-            fits = modes_needed(eigenvalues) <= rank
+            # a lag-0 row's residue w becomes w/μ in the layer's form (below): a pole at 0 holding
+            # a lag-1 term has no such form, so that order is not usable either
+            at_zero = (eigenvalues.abs() < VANISHED_MAGNITUDE).unsqueeze(-2)
+            delay = (at_zero & (modal_residues != 0) & lag0).any((-2, -1))
+            fits = (modes_needed(eigenvalues) <= rank) & ~delay
             done = select[fits]
             eigenvalues, modal_residues, direct = eigenvalues[fits], modal_residues[fits], direct[fits]
             # a lag-0 row of the proper system: C_r μ^{k-1} B_r at lag k >= 1 is (w/μ) μ^k in the
             # layer's form. Its direct term D + K_0 + C₂E⁻¹B₂ is split into the layer's new K_0
             # (Re Σ w/μ) and D, so D gains K_0 + C₂E⁻¹B₂ - Re Σ w/μ.
-            safe = torch.where(eigenvalues == 0, torch.ones_like(eigenvalues), eigenvalues)
-            layer_residues = torch.where(lag0, modal_residues / safe.unsqueeze(-2), modal_residues)
+            safe = torch.where(modal_residues == 0, torch.ones_like(modal_residues), eigenvalues.unsqueeze(-2))
+            layer_residues = torch.where(lag0, modal_residues / safe, modal_residues)
             moved = torch.where(lag0[..., 0], original_lag0[done] - layer_residues.sum(-1).real, 0.0)
             feedthrough[done] = direct + moved
             reduced_modes[done], residues[done], padding[done] = fold_conjugate_pairs(
                 eigenvalues, layer_residues, rank, pad_mode)
             condition[done], pending[done] = cond[fits], False
-            kept[select[~fits]] -= 1  # one real pole too many: keep one state less
-    # systems with nothing above rounding level keep nothing and gain no direct term
+            kept[select[~fits]] -= 1  # one real pole too many (or a delay): keep one state less
+            pending &= kept > 0
+    # a system with no state above rounding level (e.g. every mode vanished within one step: a
+    # kernel at lag 0 only) is residualised whole: D_r = D + C E⁻¹ B is its DC gain, and every
+    # row's gain goes to the skip (zero for a zero system)
+    empty = kept == 0
+    feedthrough[empty] = system.dc_gain()[empty]
     return ReducedModes(modes=reduced_modes, residues=residues, padding=padding, feedthrough=feedthrough,
                         details=balanced_details(sigma, kept, shift, condition))

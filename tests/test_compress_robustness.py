@@ -417,3 +417,56 @@ def test_reduce_to_modes_zero_system_is_exactly_zero():
         assert torch.equal(result.residues, torch.zeros_like(result.residues))
         assert (result.modes == 0.25).all()
         assert result.details["error_bound"].tolist() == [0.0]
+
+
+# ----------------------------------------------------------------------------- last guard of the write-back
+
+
+def _poisoned(method, channels, factor):
+    """`method` with the residues of `channels` multiplied by `factor` (NaN, or an overflow)."""
+    def reduce(system, rank, **options):
+        result = method(system, rank, **options)
+        result.residues[channels] = result.residues[channels] * factor
+        return result
+    reduce.__signature__ = __import__("inspect").signature(method)
+    return reduce
+
+
+@pytest.mark.parametrize("factor, dtype, names", [(float("nan"), torch.float64, "NaN"),
+                                                   (1e80, torch.float32, "float32")], ids=["nan", "float32-overflow"])
+def test_write_back_never_stores_non_finite_parameters(monkeypatch, factor, dtype, names):
+    """Whatever a method returns, `reduce` stores no NaN or Inf: it raises naming the layer, the
+    parameter, every channel concerned (and the dtype), and the model is left as it was."""
+    from s4bt_hf import reduction_methods
+    from s4bt_hf.balanced_truncation import balanced_truncation
+
+    monkeypatch.setitem(reduction_methods.REDUCTION_METHODS, "balanced_truncation",
+                        _poisoned(balanced_truncation, [2, 5], factor))
+    model = _build(dtype=dtype)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 0, channel\(s\) \[2, 5\]: the reduction gives parameter `[BC]`") \
+            as info:
+        model.reduce("balanced_truncation", 2)
+    assert names in str(info.value) and "nothing was returned" in str(info.value)
+    _assert_unchanged(before, model)
+
+
+def test_refit_never_stores_non_finite_parameters(monkeypatch):
+    """The same guard after the data-aware refit: a NaN it would write is refused by name."""
+    from s4bt_hf import compression
+
+    refit = compression.refit_output_maps
+
+    def poisoned_refit(original, reduced, batches):
+        errors = refit(original, reduced, batches)
+        with torch.no_grad():
+            reduced.s4dss.layers[1].kernel.C[0, 3, 1, 0] = float("nan")
+        return errors
+
+    monkeypatch.setattr(compression, "refit_output_maps", poisoned_refit)
+    model = _build()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 1, channel\(s\) \[3\]: the refit gives parameter `C` NaN or Inf.*"
+                                         r"without `calibration_data`"):
+        model.reduce("modal_truncation", 2, calibration_data={"input_values": _inputs(torch.float32)})
+    _assert_unchanged(before, model)

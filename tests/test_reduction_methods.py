@@ -12,7 +12,7 @@ import torch
 from test_balanced_truncation import kernel, random_continuous_systems, random_discrete_systems
 
 from s4bt_hf.balanced_truncation import balanced_truncation, real_realization
-from s4bt_hf.diagonal_system import CONTINUOUS, DISCRETE, DiagonalSystem, error_h2_norm_squared
+from s4bt_hf.diagonal_system import CONTINUOUS, DISCRETE, DiagonalSystem, error_h2_norm_squared, modal_dc_gain
 from s4bt_hf.h2_reduction import h2_optimal, optimal_residues
 from s4bt_hf.modal_truncation import modal_truncation
 from s4bt_hf.rank_budget import allocate_ranks, discarded_energy, rank_gains
@@ -282,3 +282,57 @@ def test_budget_allocation_is_optimal_by_brute_force():
             assert ours == pytest.approx(best, rel=1e-12, abs=1e-12), (trial, total, ranks)
     with pytest.raises(ValueError, match="budget of 2 modes"):
         allocate_ranks(gains, 2)
+
+
+@pytest.mark.parametrize("method", sorted(REDUCTION_METHODS))
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_vanished_discrete_modes_are_exact_zeros(method, outputs):
+    """Discrete modes below the smallest normal float64 (exp(Δλ) with Δ Re λ < -708: decayed
+    within one step) are exactly 0 for every method: the same finite result as with zeros, and
+    a system of only such modes is its lag-0 term, reduced exactly."""
+    generator = torch.Generator().manual_seed(5)
+    input_vec = torch.randn(3, 4, generator=generator, dtype=torch.complex128)
+    output_vec = torch.randn(3, outputs, 4, generator=generator, dtype=torch.complex128)
+    zeros = torch.zeros(3, 4, dtype=torch.complex128)
+    zeros[0, :2] = torch.tensor([0.5, 0.3 + 0.4j])  # channel 0 mixes live and vanished modes
+    subnormal = zeros.clone()
+    subnormal[1:] = torch.polar(torch.full((2, 4), 6.2e-320, dtype=torch.float64),
+                                torch.rand(2, 4, generator=generator, dtype=torch.float64) * 6)
+    subnormal[0, 2:] = 1e-315
+    results = [REDUCTION_METHODS[method](DiagonalSystem(modes, input_vec, output_vec), 2)
+               for modes in (subnormal, zeros)]
+    for name in ("modes", "residues", "feedthrough"):
+        assert torch.isfinite(getattr(results[0], name)).all(), name
+        torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), rtol=1e-12, atol=1e-14)
+    if method == "modal_truncation":
+        return  # keeps 2 of the 4 modes unchanged by design (their bound is checked elsewhere)
+    # channels 1 and 2: every row's kernel is K_0 = Re Σ w alone, reduced exactly (one state at 0)
+    lag0 = DiagonalSystem(zeros, input_vec, output_vec).residues()[1:].sum(-1).real
+    kept = results[1].residues[1:].sum(-1).real + results[1].feedthrough[1:]
+    torch.testing.assert_close(kept, lag0, rtol=1e-10, atol=1e-12)
+
+
+def test_singular_perturbation_never_writes_a_delay_as_a_lag0_mode(monkeypatch):
+    """A reduced pole at 0 on a lag-0 row holds a pure one-step delay, which the layer's form
+    w/μ cannot hold: that order is not used (one state less, as for a real pole too many), instead
+    of dividing by zero. Forced here by zeroing the smallest eigenvalue of every reduction of
+    more than one state; the result then keeps one state, and still the DC gain."""
+    from s4bt_hf import singular_perturbation as module
+
+    original = module.diagonalize
+
+    def with_a_pole_at_zero(state, input_vec, output_vec):
+        eigenvalues, residues, condition = original(state, input_vec, output_vec)
+        if state.shape[-1] > 1:
+            smallest = eigenvalues.abs().argmin(-1, keepdim=True)
+            eigenvalues = eigenvalues.scatter(-1, smallest, torch.zeros_like(smallest, dtype=eigenvalues.dtype))
+        return eigenvalues, residues, condition
+
+    monkeypatch.setattr(module, "diagonalize", with_a_pole_at_zero)
+    bank = DiagonalSystem(*systems(DISCRETE, 1, seed=3, count=4, num_modes=5), DISCRETE)
+    reduced = singular_perturbation(bank, 2)
+    assert torch.equal(reduced.details["kept_states"], torch.ones(4, dtype=torch.int64))
+    for tensor in (reduced.modes, reduced.residues, reduced.feedthrough):
+        assert torch.isfinite(tensor).all()
+    gain = modal_dc_gain(reduced.modes, reduced.residues, DISCRETE).sum(-1) + reduced.feedthrough
+    torch.testing.assert_close(gain, bank.dc_gain(), rtol=1e-9, atol=1e-10)

@@ -68,6 +68,8 @@ def hankel_penalty(model, time: str = DISCRETE) -> torch.Tensor:
     kernels = dss_kernels(model)
     if not kernels:
         raise TypeError(f"hankel_penalty: {type(model).__name__} holds no DSS layers (S4DSSKernel modules).")
+    for layer, kernel in enumerate(kernels):
+        check_materialized(kernel, f"layer {layer}")
     systems = [channel_systems(kernel, time) for kernel in kernels]
     # layers of one shape (d_state, outputs) go through ONE batched call: fewer, larger LAPACK/BLAS calls
     groups: dict[tuple, list[int]] = {}
@@ -88,8 +90,20 @@ def dss_kernels(model) -> list:
     return [module for module in model.modules() if type(module).__name__ == "S4DSSKernel"]
 
 
+def check_materialized(kernel, where: str = "the DSS layer") -> None:
+    """A kernel whose parameters are on the meta device has shapes but no values: refuse it by name
+    (the Gramians would otherwise fail deep inside with an unrelated dtype error)."""
+    on_meta = [name for name in ("log_dt", "log_A_real", "A_imag", "B", "C") if getattr(kernel, name).is_meta]
+    if on_meta:
+        raise ValueError(f"hankel_penalty: {where} has its parameters ({', '.join(on_meta)}) on the meta device: "
+                         "they have no values (a model built under `torch.device('meta')`). Load or initialise "
+                         "the weights first, e.g. `from_pretrained(...)` or `model.to_empty(device='cpu')` "
+                         "followed by `model.init_weights()`.")
+
+
 def channel_hankel_nuclear_norms(kernel, time: str = DISCRETE) -> torch.Tensor:
     """Σ_i σ_i per channel (H,) of one DSS kernel, float64, differentiable."""
+    check_materialized(kernel)
     return hankel_nuclear_norm(*channel_systems(kernel, time), time)
 
 
