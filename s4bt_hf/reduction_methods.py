@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass
 
 from .balanced_truncation import balanced_truncation
-from .h2_reduction import h2_optimal
+from .h2_reduction import MAX_ITERATIONS, h2_optimal
 from .modal_truncation import modal_truncation
 from .singular_perturbation import singular_perturbation
 
@@ -115,8 +115,9 @@ METHOD_OPTIONS = {
                      "move the dropped modes' DC gain into the skip D (modal singular perturbation)"),
     ),
     "h2": (
-        MethodOption("max_iterations", int, 50, "L-BFGS iterations from the balanced-truncation start (0 keeps it)",
-                     minimum=0),
+        MethodOption("max_iterations", int, 50, "most L-BFGS iterations from the balanced-truncation start (it stops "
+                     "earlier at convergence, usually within a few hundred; 0 keeps the start)",
+                     minimum=0, maximum=MAX_ITERATIONS),
     ),
 }
 # Methods whose details carry the kept real states and Hankel singular values of a balanced

@@ -52,9 +52,16 @@ def test_the_iteration_stops_at_convergence_far_below_max_iterations():
     assert relative.square().sum() <= relative_default.square().sum() * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("value", [MAX_ITERATIONS + 1, 10**6, -1, 2.5, True])
+@pytest.mark.parametrize("value", [MAX_ITERATIONS + 1, 10**6, -1])
 def test_max_iterations_outside_its_range_is_refused(value):
-    with pytest.raises(ValueError, match=rf"h2: `max_iterations` must be an int in \[0, {MAX_ITERATIONS}\]"):
+    with pytest.raises(ValueError, match=rf"method 'h2': option `max_iterations` must be an integer in "
+                                         rf"\[0, {MAX_ITERATIONS}\], got {value}"):
+        _build(4, 4).reduce("h2", 2, max_iterations=value)
+
+
+@pytest.mark.parametrize("value", [2.5, True])
+def test_max_iterations_of_another_type_is_refused(value):
+    with pytest.raises(TypeError, match=rf"method 'h2': option `max_iterations` must be an int, got {value!r}"):
         _build(4, 4).reduce("h2", 2, max_iterations=value)
 
 
