@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .compression_report import CompressionReport, LayerCompression
 from .configuration_s4dss import S4DSSConfig
+from .hub_s4dss import IncompleteCheckpointWarning
 from .modeling_s4dss import (
     S4DSSForSequenceClassification,
     S4DSSModel,
@@ -43,6 +44,7 @@ def __getattr__(name):
 
 __all__ = [
     "CompressionReport",
+    "IncompleteCheckpointWarning",
     "LayerCompression",
     "S4DSSConfig",
     "S4DSSForSequenceClassification",
