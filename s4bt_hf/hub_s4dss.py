@@ -31,6 +31,7 @@ REMOTE_CODE_MODULES = (
     "hub_s4dss",
     "model_card",
     "compression_report",
+    "feature_extraction_s4dss",  # carried by the feature extractor's save (preprocessor_config.json)
     # the reduction path and its methods
     "compression",
     "diagonal_system",
@@ -47,6 +48,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_s4dss.S4DSSConfig",
     "AutoModel": "modeling_s4dss.S4DSSModel",
     "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
+    "AutoModelForAudioClassification": "modeling_s4dss.S4DSSForSequenceClassification",
 }
 
 

@@ -501,6 +501,7 @@ class S4DSSModel(S4DSSPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> BaseModelOutput:
         r"""
         Args:
@@ -511,6 +512,8 @@ class S4DSSModel(S4DSSPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch, length)`): 1 for valid, 0 for padded
                 positions; a padded position never changes the output at a valid one.
             output_hidden_states (`bool`): also return the input of every block and the final output.
+            token_type_ids: accepted and ignored (the model has no segment embeddings; BERT-style
+                tokenizers and the text-classification pipeline pass it).
         """
         hidden_states, mask = self._encode(input_ids, input_values, inputs_embeds, sequence_axis=True,
                                            attention_mask=attention_mask)
@@ -588,9 +591,10 @@ class S4DSSForSequenceClassification(S4DSSPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
         r"""
-        Inputs as in [`S4DSSModel.forward`].
+        Inputs as in [`S4DSSModel.forward`] (`token_type_ids` accepted and ignored).
 
         labels (`torch.Tensor`, *optional*): class ids `(batch,)` for single-label classification,
             floats `(batch,)`/`(batch, num_labels)` for regression, 0/1 floats `(batch, num_labels)`

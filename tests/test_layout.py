@@ -17,14 +17,15 @@ from transformers import AutoModelForSequenceClassification
 
 import s4bt_hf
 import s4bt_hf.experiments.reproduce as reproduce_module
-from s4bt_hf import S4DSSForSequenceClassification
+from s4bt_hf import S4DSSFeatureExtractor, S4DSSForSequenceClassification
 from s4bt_hf.hub_s4dss import REMOTE_CODE_MODULES
 
 PACKAGE = Path(s4bt_hf.__file__).parent
 LEGACY = Path(__file__).with_name("fixtures") / "legacy_layout"
 CHILD = Path(__file__).with_name("train_child.py")
-# huggingface_hub: a dependency of transformers itself (hub_s4dss's push_to_hub uses its API)
-ALLOWED_ROOTS = {"torch", "transformers", "huggingface_hub", "__future__"} | set(sys.stdlib_module_names)
+# huggingface_hub: a dependency of transformers itself (hub_s4dss's push_to_hub uses its API);
+# numpy: a dependency of transformers (the feature extractor's arrays)
+ALLOWED_ROOTS = {"torch", "transformers", "huggingface_hub", "numpy", "__future__"} | set(sys.stdlib_module_names)
 
 
 def test_top_level_is_exactly_the_remote_code(tmp_path, real_config):
@@ -32,7 +33,9 @@ def test_top_level_is_exactly_the_remote_code(tmp_path, real_config):
     assert top_level == set(REMOTE_CODE_MODULES)
     S4DSSForSequenceClassification(real_config()).save_pretrained(tmp_path)
     saved = {path.stem for path in tmp_path.glob("*.py")}
-    assert saved == set(REMOTE_CODE_MODULES)
+    assert saved == set(REMOTE_CODE_MODULES) - {"feature_extraction_s4dss"}
+    S4DSSFeatureExtractor(feature_size=2).save_pretrained(tmp_path)  # its own file, beside the model's
+    assert {path.stem for path in tmp_path.glob("*.py")} == set(REMOTE_CODE_MODULES)
     for name in ("cli", "experiments", "export", "training", "data", "metrics"):
         assert (PACKAGE / name / "__init__.py").is_file(), name
 

@@ -19,6 +19,7 @@ EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_s4dss.S4DSSConfig",
     "AutoModel": "modeling_s4dss.S4DSSModel",
     "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
+    "AutoModelForAudioClassification": "modeling_s4dss.S4DSSForSequenceClassification",
 }
 EXPECTED_FILES = {
     "config.json",
