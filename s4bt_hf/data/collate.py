@@ -3,7 +3,8 @@
 :class:`PadCollator` turns a list of examples (dicts, as a ``Dataset`` or a ``DataLoader`` yields them) into a
 batch of tensors. Variable-length ``input_ids`` are right-padded to the longest sequence in the batch (or a
 multiple of ``pad_to_multiple_of``) with an ``attention_mask`` of 1 for real tokens and 0 for padding;
-fixed-size ``input_values`` are stacked.
+``input_values`` of equal shape are stacked, and (L, C) sequences of different lengths padded like the
+ids, with a mask. A ``label`` entry (the ``datasets`` convention) becomes ``labels``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class PadCollator:
     (equal-shape arrays) and ``labels`` into tensors.
 
     Returns ``input_ids`` (long, ``(B, L_max)``, right-padded with ``pad_token_id``) and ``attention_mask``
-    (long, 1 valid / 0 pad), or ``input_values`` (stacked; integer values become float32), plus ``labels``
+    (long, 1 valid / 0 pad), or ``input_values`` (stacked, or zero-padded with an ``attention_mask`` when the
+    lengths differ; integer values become float32), plus ``labels``
     (long) when the examples carry them. Float labels (e.g. multi-label targets) keep their float dtype. Other
     keys are ignored.
     """
@@ -43,14 +45,31 @@ class PadCollator:
         if "input_ids" in first:
             batch.update(self._pad([example["input_ids"] for example in examples]))
         elif "input_values" in first:
-            values = torch.stack([torch.as_tensor(example["input_values"]) for example in examples])
-            batch["input_values"] = values if torch.is_floating_point(values) else values.float()
+            batch.update(self._pad_values([torch.as_tensor(example["input_values"]) for example in examples]))
         else:
-            raise KeyError("examples need an 'input_ids' or an 'input_values' entry")
-        if "labels" in first:
-            labels = torch.as_tensor([_as_label(example["labels"]) for example in examples])
+            raise KeyError(f"examples need an 'input_ids' or an 'input_values' entry; they have "
+                           f"{', '.join(map(repr, first)) or 'none'}")
+        label_key = "labels" if "labels" in first else "label" if "label" in first else None  # `datasets` says label
+        if label_key is not None:
+            labels = torch.as_tensor([_as_label(example[label_key]) for example in examples])
             batch["labels"] = labels if torch.is_floating_point(labels) else labels.long()
         return batch
+
+    def _pad_values(self, sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Equal shapes are stacked (no mask: every position is valid); (L, C) sequences of
+        different lengths are right-padded with zeros, with an `attention_mask`."""
+        sequences = [sequence if torch.is_floating_point(sequence) else sequence.float() for sequence in sequences]
+        if all(sequence.shape == sequences[0].shape for sequence in sequences) and not self.pad_to_multiple_of:
+            return {"input_values": torch.stack(sequences)}
+        length = max(len(sequence) for sequence in sequences)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        values = sequences[0].new_zeros((len(sequences), length, *sequences[0].shape[1:]))
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            values[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+        return {"input_values": values, "attention_mask": attention_mask}
 
     def _pad(self, sequences: list[Any]) -> dict[str, torch.Tensor]:
         tensors = [torch.as_tensor(sequence, dtype=torch.long).reshape(-1) for sequence in sequences]

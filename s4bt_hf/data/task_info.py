@@ -46,10 +46,26 @@ class TaskInfo:
     options: tuple[TaskOption, ...] = field(default=(), compare=False, repr=False)
     describe: Callable[[dict], str] | None = field(default=None, compare=False, repr=False)
     budgets: dict = field(default_factory=dict, compare=False, repr=False)
+    # user data (`user_data.load_user_task`): what the labels are, and the preprocessor fitted on the
+    # training split (an `S4DSSFeatureExtractor`, or the tokenizer), saved with the model
+    problem_type: str | None = field(default=None, compare=False)
+    id2label: dict | None = field(default=None, compare=False, repr=False)
+    preprocessor: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):  # options may be given as the fields of TaskOption
         options = tuple(option if isinstance(option, TaskOption) else TaskOption(**option) for option in self.options)
         object.__setattr__(self, "options", options)
+
+    def model_labels(self) -> dict:
+        """The `S4DSSConfig` fields of the model's outputs: `num_labels`, and for user data the
+        problem type and the label names (`id2label`/`label2id`)."""
+        fields = {"num_labels": self.num_labels}
+        if self.problem_type is not None:
+            fields["problem_type"] = self.problem_type
+        if self.id2label is not None:
+            fields["id2label"] = dict(self.id2label)
+            fields["label2id"] = {name: index for index, name in self.id2label.items()}
+        return fields
 
     def model_inputs(self) -> dict:
         """The `S4DSSConfig` fields of the model's inputs for this task."""
