@@ -154,6 +154,8 @@ def _read_file(path: str, cache: str) -> datasets.Dataset:
         raise DataError(f"{path}: unknown file type; use .csv, .json/.jsonl (JSON lines) or .parquet")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
+    if builder == "parquet" and _parquet_rows(path) == 0:  # datasets' reader fails on it with a cryptic error
+        raise DataError(f"{path}: the file holds no rows")
     try:
         return datasets.load_dataset(builder, data_files={"train": path}, cache_dir=cache, keep_in_memory=True,
                                      split="train")
@@ -161,6 +163,15 @@ def _read_file(path: str, cache: str) -> datasets.Dataset:
         cause = error.__cause__ or error
         raise DataError(f"{path}: cannot be read as {builder} ({type(cause).__name__}: "
                         f"{' '.join(str(cause).split())[:300]})") from error
+
+
+def _parquet_rows(path: str) -> int | None:
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    except Exception:  # not Parquet at all: the reader names the problem
+        return None
 
 
 def _read_dataset_folder(path: str, cache: str) -> dict[str, datasets.Dataset]:
