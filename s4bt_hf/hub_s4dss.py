@@ -15,7 +15,7 @@ import warnings
 from transformers.utils import cached_file
 
 from .compression_report import REPORT_FILE, CompressionReport
-from .model_card import is_generated_card, render_model_card
+from .model_card import card_info_from_card, is_generated_card, render_model_card
 
 # The modules `save_pretrained` copies into every checkpoint (the model's class and what it imports,
 # transitively): exactly the top level of `s4bt_hf/`. Applications live in subpackages (`cli/`,
@@ -65,6 +65,9 @@ class S4DSSHubMixin:
 
     # Set by `balanced_truncate` (and read back by `from_pretrained`): what the compression did.
     compression_report: CompressionReport | None = None
+    # What the model card says beyond the weights (`model_card.CARD_INFO_KEYS`): set by the entry
+    # points or by hand, derived by the reductions, read back from a generated card by `from_pretrained`.
+    card_info: dict | None = None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the configuration and modeling code with a full `auto_map`, so that
@@ -146,6 +149,7 @@ class S4DSSHubMixin:
         report_path = cached_file(str(pretrained_model_name_or_path), REPORT_FILE,
                                   _raise_exceptions_for_missing_entries=False,
                                   _raise_exceptions_for_connection_errors=False, **hub_options)
+        model.card_info = _card_info_of(pretrained_model_name_or_path, hub_options)
         if report_path is not None:
             try:
                 model.compression_report = CompressionReport.load(os.path.dirname(report_path))
@@ -207,3 +211,17 @@ def _warn_incomplete_checkpoint(cls, model, info: dict, path) -> None:
         warnings.warn(f"{where}: config.json says n_layers={layers} but the weights also hold layer(s) "
                       f"{', '.join(map(str, _layers_named(extra)))} ({_shortened(extra)}); they were ignored: this "
                       "is not the model that was saved.", IncompleteCheckpointWarning, stacklevel=3)
+
+
+def _card_info_of(pretrained_model_name_or_path, hub_options: dict) -> dict | None:
+    """`card_info` from the checkpoint's README.md when this package generated it (else None)."""
+    card_path = cached_file(str(pretrained_model_name_or_path), "README.md",
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, **hub_options)
+    if card_path is None:
+        return None
+    try:
+        with open(card_path, encoding="utf-8") as handle:
+            return card_info_from_card(handle.read()) or None
+    except (OSError, UnicodeDecodeError, ValueError):  # an unreadable card costs the card, not the model
+        return None

@@ -36,6 +36,7 @@ from .kernel_s4dss import (
     vandermonde_kernel,
     zoh_discretize,
 )
+from .model_card import derived_card_info
 from .streaming_real import RealStreamingModule
 from .validation_s4dss import (
     check_attention_mask,
@@ -330,8 +331,10 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
         """
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"balanced_truncate: `workers` must be a positive int or None, got {workers!r}.")
-        return balanced_truncate_model(self, rank, tol=tol, time=time, kernel_length=kernel_length,
-                                       workers=workers)
+        compressed = balanced_truncate_model(self, rank, tol=tol, time=time, kernel_length=kernel_length,
+                                             workers=workers)
+        compressed.card_info = derived_card_info(self)
+        return compressed
 
     def reduce(self, method: str = "balanced_truncation", rank=None, *, tol=None, budget=None,
                time: str = "discrete", kernel_length: int = 1024, workers: int | None = None,
@@ -366,8 +369,10 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
                 every reduced layer reproduces the original layer's output on its real inputs.
             **method_options: options of the method (see above).
         """
-        return reduce_model(self, method, rank, tol=tol, budget=budget, time=time, kernel_length=kernel_length,
-                            workers=workers, calibration_data=calibration_data, **method_options)
+        compressed = reduce_model(self, method, rank, tol=tol, budget=budget, time=time, kernel_length=kernel_length,
+                                  workers=workers, calibration_data=calibration_data, **method_options)
+        compressed.card_info = derived_card_info(self)
+        return compressed
 
     # ------------------------------------------------------------------ input checks
     def _check_streaming_state(self, state, hidden_states: torch.Tensor) -> None:

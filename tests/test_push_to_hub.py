@@ -40,6 +40,7 @@ EXPECTED_AUTO_MAP = {
     "AutoConfig": "configuration_s4dss.S4DSSConfig",
     "AutoModel": "modeling_s4dss.S4DSSModel",
     "AutoModelForSequenceClassification": "modeling_s4dss.S4DSSForSequenceClassification",
+    "AutoModelForAudioClassification": "modeling_s4dss.S4DSSForSequenceClassification",
 }
 # Variables that would make a child offline, send it through a proxy, or make it share a cache.
 _DROPPED_ENV = {

@@ -176,6 +176,38 @@ class S4DSSTrainer(Trainer):
             )
         return unwrapped
 
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """The package's model card (architecture, compression report, load instructions) in
+        `args.output_dir/README.md` — what `trainer.push_to_hub()` uploads — with the Trainer's
+        hyperparameters and last evaluation (also as the `model-index`), instead of transformers'
+        generic card, which would replace it. `license`, `dataset` (or `dataset_tags`), `tags`,
+        `finetuned_from` (the card's `base_model`) and `model_name` go into its metadata;
+        `language`, `tasks` and `dataset_args` are not used."""
+        from transformers.modelcard import extract_hyperparameters_from_trainer
+
+        from ..model_card import card_info, eval_results_from_metrics, render_model_card
+
+        if not self.is_world_process_zero():
+            return
+        model = self._s4dss_model(self.model)
+        info = card_info(model)
+        names = dataset or dataset_tags or info.get("datasets")
+        names = [names] if isinstance(names, str) else list(names or [])
+        metrics = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), {})
+        info.update({key: value for key, value in (("license", license), ("datasets", names or None),
+                                                    ("base_model", finetuned_from)) if value})
+        if metrics:
+            info["eval_results"] = eval_results_from_metrics(metrics, model.config, names[0] if names else "custom",
+                                                             "validation", prefix="eval_")
+        model.card_info = info  # later saves of the model keep what the card says
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = render_model_card(model, title=model_name, tags=tags, training=_training_section(
+            self, extract_hyperparameters_from_trainer(self), metrics))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """Build `self.optimizer` over `ssm_param_groups(model, args.learning_rate, args.weight_decay)`,
         unless an optimizer was already given or built."""
@@ -208,6 +240,19 @@ class S4DSSTrainer(Trainer):
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+
+def _training_section(trainer, hyperparameters: dict, metrics: dict) -> str:
+    """The card's "Training procedure" section: the Trainer's hyperparameters and last evaluation."""
+    lines = ["## Training procedure", "",
+             f"Trained with the transformers `Trainer` (`S4DSSTrainer`: the S4 parameter groups, SSM dynamics at "
+             f"`config.ssm_lr`) for {trainer.state.global_step} optimizer steps.", "", "Hyperparameters:", ""]
+    lines += [f"- {name}: {value}" for name, value in hyperparameters.items()]
+    if metrics:
+        lines += ["", "Last evaluation:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name.removeprefix('eval_')} | {value:.6g} |" for name, value in metrics.items()
+                  if isinstance(value, numbers.Real) and name not in ("epoch", "step")]
+    return "\n".join(lines)
 
 
 def _check_hankel_options(hankel_weight, hankel_every, hankel_reuse) -> None:
