@@ -131,6 +131,11 @@ def main(argv=None):
     except DataError as error:
         raise SystemExit(f"run_classification.py: error: {error}") from None
     model = build_model(model_args, info)
+    # what the saved model's card says about its data (and, fine-tuned, what it started from)
+    model.card_info = {**(model.card_info or {}), "datasets": [info.name],
+                       "data": info.describe({"seed": training_args.seed})}
+    if model_args.model_name_or_path is not None and model_args.reduce_method is None:
+        model.card_info["base_model"] = model_args.model_name_or_path
     splits = splits.with_format("torch")
     train = first(splits["train"], data_args.max_train_samples)
     validation = first(splits["validation"], data_args.max_eval_samples)
@@ -148,6 +153,8 @@ def main(argv=None):
         results.update(trainer.evaluate())
     if training_args.do_predict and "test" in splits:
         results.update(trainer.predict(splits["test"], metric_key_prefix="test").metrics)
+    if training_args.do_train:
+        trainer.create_model_card(dataset=info.name)  # the package's card, with the Trainer's last evaluation
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
         if info.preprocessor is not None:

@@ -51,6 +51,8 @@ def test_parquet_series_new_model_to_pipeline(tmp_path, series_files):
     assert json.loads((output / "all_results.json").read_text()) == pytest.approx({**results, "num_processes": 1})
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"] == {"0": "down", "1": "up"} and config["problem_type"] == "single_label_classification"
+    card = (output / "README.md").read_text()
+    assert "## Training procedure" in card and "User data `train.parquet`" in card and "datasets:" in card
     extractor = AutoFeatureExtractor.from_pretrained(output)
     assert isinstance(extractor, s4bt_hf.S4DSSFeatureExtractor) and extractor.mean is not None
     scores = pipeline("audio-classification", model=str(output))(np.linspace(-3, 3, 11).astype(np.float32))
