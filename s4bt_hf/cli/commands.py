@@ -35,6 +35,7 @@ from .arg_types import (
     unit_interval_closed,
     unit_interval_open_right,
 )
+from .data_options import DataError, add_user_data_options, resolve_task, user_data_requested
 
 # Everything task-specific comes from the task registry (`s4bt_hf.data.TASK_INFOS`), read when the
 # parser is built: a registered task gets its name, data options and budgets on the command line.
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a new model, or retrain a saved (e.g. compressed) one",
                                 description="Train on a task; the run folder gets run_config.json, metrics.jsonl, "
                                 "checkpoints/ (resumed automatically if the run is interrupted), best/ and final/.")
-    train.add_argument("--task", required=True, choices=tuple(TASK_INFOS), help="the task to train on")
+    train.add_argument("--task", choices=tuple(TASK_INFOS), help="a built-in task to train on (or your own data: "
+                       "--train-file / --dataset)")
     train.add_argument("--output", required=True, help="run folder (new, or an interrupted run to resume)")
     train.add_argument("--init-from", help="start from this saved model (e.g. a compressed one) instead of a new one")
     model = train.add_argument_group("model (ignored with --init-from)")
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     aware.add_argument("--reduce-option", action="append", default=[], type=method_option, metavar="NAME=VALUE",
                        help=f"with --reduce-at: an option of the method ({_options_help()}); repeatable")
     _add_data_options(train)
+    add_user_data_options(train, "training")
 
     compress = commands.add_parser("compress", help="reduce a saved model (balanced truncation or another method)",
                                    description="Compress every DSS layer of a saved model by a model-reduction "
@@ -138,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--refit-task", choices=tuple(TASK_INFOS),
                           help="refit each channel's output map and skip on this task's training inputs")
     compress.add_argument("--refit-samples", type=positive_int, default=200,
-                          help="training examples for --refit-task (default 200)")
+                          help="training examples for --refit-task or your own data (default 200)")
     _add_data_options(compress)
+    add_user_data_options(compress, "the refit (instead of --refit-task)")
 
     compare = commands.add_parser(
         "compare-reductions", help="accuracy without retraining of every reduction method at every rank",
@@ -152,19 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--regularised", action="store_true",
                          help="with --reproduce: the Hankel-regularised originals of its compression-aware arm "
                          "(the λ it chose) instead of the plain ones")
-    compare.add_argument("--task", choices=tuple(TASK_INFOS), help="task of --model")
+    compare.add_argument("--task", choices=tuple(TASK_INFOS), help="task of --model (or your own data: --train-file "
+                         "/ --dataset)")
     compare.add_argument("--ranks", type=positive_int, nargs="+", default=[2, 4, 8, 16])
     compare.add_argument("--output", required=True, help="new folder for the results")
     compare.add_argument("--calibration-samples", type=positive_int, default=200,
                          help="training examples for the refit (default 200)")
     _add_data_options(compare)
+    add_user_data_options(compare, "--model")
 
     reproduce = commands.add_parser(
         "reproduce", help="the paper's experiment: pre-train, balanced truncation, retrain vs Skew-HiPPO",
         description="Pre-train originals of different quality, compress each to every rank, retrain the compressed "
         "models and train Skew-HiPPO baselines of the same size with the same budget; writes results.json, "
         "results.md, plots and model cards to the output folder. Finished stages are skipped on a re-run.")
-    reproduce.add_argument("--task", default="smnist", choices=tuple(TASK_INFOS))
+    reproduce.add_argument("--task", choices=tuple(TASK_INFOS), help="default smnist (or your own data: "
+                           "--train-file / --dataset, with a test split)")
     reproduce.add_argument("--output", default="runs/reproduce", help="experiment folder (default runs/reproduce)")
     reproduce.add_argument("--budget", default="cpu", choices=_budget_names(),
                            help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
@@ -179,16 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --compression-aware: the λ grid tried on the first seed (default 1e-3 1e-2 1e-1)",
                            metavar="LAMBDA")
     reproduce.add_argument("--no-progress", action="store_true")
+    add_user_data_options(reproduce, "the experiment")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a saved model on a task split",
                                    description="Print the loss and accuracy of a saved model as JSON.")
     evaluate.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
-    evaluate.add_argument("--task", required=True, choices=tuple(TASK_INFOS))
+    evaluate.add_argument("--task", choices=tuple(TASK_INFOS), help="a built-in task (or your own data: --train-file "
+                          "/ --dataset; --test-file for the test split)")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--output", help="also write the metrics to this JSON file (must not exist)")
     evaluate.add_argument("--no-progress", action="store_true")
     _add_data_options(evaluate)
+    add_user_data_options(evaluate, "the evaluation")
 
     export = commands.add_parser("export", help="export the streaming step for edge runtimes (ONNX, torch.export)",
                                  description="Export one streaming step (real tensors only, the state as explicit "
@@ -260,6 +270,15 @@ def reduction_schedule(args):
                                  budget=args.reduce_budget, method=args.reduce_method, options=options)
     except (TypeError, ValueError) as error:
         raise CliError(str(error).replace("ReductionSchedule: ", "--reduce-")) from error
+
+
+def resolve_data(args, required: bool = True) -> str | None:
+    """`--task`, or the user's data read, checked and registered as a task (`data_options`); bad
+    data or options are one line."""
+    try:
+        return resolve_task(args, required=required)
+    except (DataError, ValueError) as error:
+        raise CliError(str(error)) from error
 
 
 def load_data(args):
@@ -347,6 +366,9 @@ def check_model_fits_task(config, task: str) -> None:
                        f"{config.vocab_size}")
     if config.num_labels != info.num_labels:
         raise CliError(f"task {task} has {info.num_labels} classes but the model has {config.num_labels} labels")
+    if info.problem_type is not None and config.problem_type not in (None, info.problem_type):
+        raise CliError(f"the data of {task} are for {info.problem_type} but the model was trained for "
+                       f"{config.problem_type}")
 
 
 def command_train(args) -> dict:
@@ -355,11 +377,13 @@ def command_train(args) -> dict:
     from ..modeling_s4dss import S4DSSForSequenceClassification
     from ..training import NonFiniteLossError, RunFolderError, TrainingConfig, train
 
+    _check_output_folder(args.output)
+    resolve_data(args)
     info = task_info(args.task)
     if args.init_from:
         model = load_model(args.init_from)
     else:
-        fields = dict(num_labels=info.num_labels, d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state,
+        fields = dict(**info.model_labels(), d_model=args.d_model, n_layers=args.n_layers, d_state=args.d_state,
                       init=args.init, norm=args.norm, prenorm=not args.postnorm, bidirectional=args.bidirectional,
                       dropout=args.dropout, pooling=args.pooling, ssm_lr=args.ssm_lr, **info.model_inputs())
         import torch
@@ -370,7 +394,6 @@ def command_train(args) -> dict:
         except (TypeError, ValueError) as error:
             raise CliError(str(error)) from error
     check_model_fits_task(model.config, args.task)
-    _check_output_folder(args.output)
     if args.hankel_weight == 0 and (args.hankel_every != 1 or args.hankel_reuse):
         raise CliError("--hankel-every/--hankel-reuse schedule the Hankel penalty, which is off: they need "
                        "--hankel-weight > 0")
@@ -378,6 +401,10 @@ def command_train(args) -> dict:
     splits, data_options = load_data(args)
     if len(splits["validation"]) == 0:
         raise CliError(f"the {args.task} validation split is empty; the best model cannot be chosen on 0 samples")
+    # the saved models' cards name their data (and, retrained, what they started from)
+    model.card_info = {**(model.card_info or {}), "datasets": [info.name], "data": info.describe(data_options)}
+    if args.init_from:
+        model.card_info["base_model"] = args.init_from
     training_options = dict(
         output_dir=args.output, learning_rate=args.lr, weight_decay=args.weight_decay, num_epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -398,9 +425,20 @@ def command_train(args) -> dict:
         raise CliError(str(error)) from error
     except NonFiniteLossError as error:
         raise TrainingStopped(str(error)) from error
+    _save_preprocessor(info, [os.path.join(args.output, name) for name in ("best", "final")])
     return {"output": result.output_dir, "steps": result.steps, "best_validation_accuracy": result.best_accuracy,
             "best_step": result.best_step, "final_validation": result.final_metrics,
             "resumed_from_step": result.resumed_from}
+
+
+def _save_preprocessor(info, folders: list[str]) -> None:
+    """The user data's fitted feature extractor (or tokenizer) beside each saved model, so that
+    `AutoFeatureExtractor`/`pipeline` read the model's inputs as it was trained (main process)."""
+    if info.preprocessor is None or os.environ.get("RANK", "0") != "0":
+        return
+    for folder in folders:
+        if os.path.isdir(folder):
+            info.preprocessor.save_pretrained(folder)
 
 
 def _check_output_folder(path: str) -> None:
@@ -429,6 +467,10 @@ def command_compress(args) -> dict:
         options = parse_method_options(args.method, args.option)
     except (TypeError, ValueError) as error:
         raise CliError(f"--option: {error}") from error
+    if user_data_requested(args):
+        if args.refit_task is not None:
+            raise CliError("give either --refit-task or your own data (--train-file/--dataset) for the refit")
+        args.refit_task = resolve_data(args)
     model = load_model(args.model)
     calibration = None
     if args.refit_task is not None:
@@ -477,8 +519,11 @@ def command_compare_reductions(args) -> dict:
     else:
         if args.regularised:
             raise CliError("--regularised needs --reproduce (a folder with the compression-aware arm)")
-        if args.task is None:
-            raise CliError("--model needs --task (the task the model was trained on)")
+        if args.task is None and not user_data_requested(args):
+            raise CliError("--model needs --task (the task the model was trained on) or your data (--train-file / "
+                           "--dataset)")
+        resolve_data(args)
+        _require_accuracy(args.task, "compare-reductions")
         model = load_model(args.model)
         check_model_fits_task(model.config, args.task)
         _, options = load_data(args)
@@ -515,9 +560,12 @@ def command_evaluate(args) -> dict:
         raise CliError(f"{args.output} already exists; choose a new file for the metrics")
     if args.output:
         _check_writable(args.output)  # before the evaluation, not after it
+    resolve_data(args)
     model = load_model(args.model)
     check_model_fits_task(model.config, args.task)
     splits, _ = load_data(args)
+    if args.split not in splits:
+        raise CliError(f"the data of {args.task} have no {args.split} split (give --{args.split}-file)")
     if len(splits[args.split]) == 0:
         raise CliError(f"the {args.split} split of {args.task} is empty: nothing to evaluate")
     metrics = evaluate_dataset(model, splits[args.split], batch_size=args.batch_size,
@@ -555,6 +603,15 @@ def command_reproduce(args) -> dict:
     from ..experiments.reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
 
     _check_output_folder(args.output)
+    if user_data_requested(args):
+        resolve_data(args)
+        from ..data import load_task
+
+        if "test" not in load_task(args.task):
+            raise CliError("s4bt reproduce reports test accuracy: give a test split (--test-file, or a test split "
+                           "in --dataset)")
+        _require_accuracy(args.task, "reproduce")
+    args.task = args.task or "smnist"
     budgets = default_budgets(args.task)
     if args.budget not in budgets:
         raise CliError(f"unknown budget {args.budget!r} for task {args.task}; known: {', '.join(budgets)}")
@@ -577,6 +634,15 @@ def command_reproduce(args) -> dict:
             "pearson_original_vs_bt_retrained": results["pearson_original_vs_bt_retrained_all_ranks"],
             "hankel_weight_chosen": results.get("compression_aware", {}).get("hankel_selection", {}).get(
                 "chosen_weight")}
+
+
+def _require_accuracy(task: str, command: str) -> None:
+    """The experiments select and report by accuracy: single-label classification only."""
+    from ..data import task_info
+
+    problem = task_info(task).problem_type
+    if problem not in (None, "single_label_classification"):
+        raise CliError(f"s4bt {command} measures accuracy; the data of {task} are for {problem}")
 
 
 COMMANDS = {"train": command_train, "compress": command_compress, "compare-reductions": command_compare_reductions,

@@ -43,14 +43,16 @@ def resolve_task(args, required: bool = True) -> str | None:
     if user_data_requested(args):
         if getattr(args, "task", None) is not None:
             raise ValueError("give either --task or your own data (--train-file/--dataset), not both")
-        info = load_user_task(UserData(
+        spec = UserData(
             train_file=args.train_file, validation_file=args.validation_file, test_file=args.test_file,
             dataset=args.dataset, input_columns=tuple(args.input_columns), text_column=args.text_column,
             tokenizer=args.tokenizer, label_column=args.label_column, problem_type=args.problem_type,
             validation_split_percentage=args.validation_split_percentage, seed=getattr(args, "data_seed", 0),
             max_length=args.max_length, name=args.dataset_name,
-        ))
-        name = USER_TASK_PREFIX + info.name
+        )
+        info = load_user_task(spec)
+        # the content's fingerprint in the name: results cached under it belong to these very data
+        name = f"{USER_TASK_PREFIX}{info.name}@{spec.fingerprint()}"
         TASK_INFOS[name] = info
         args.task = name
         return name

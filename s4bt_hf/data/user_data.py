@@ -17,13 +17,14 @@ naming the file, the column and the row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import datasets
 import numpy as np
@@ -35,6 +36,12 @@ FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 SPLITS = ("train", "validation", "test")
 DEFAULT_LABEL_COLUMNS = ("label", "labels")
+# `s4bt reproduce` on user data: the CPU budget of the built-in sMNIST task (a small model, three
+# originals of different training lengths), with the user's data as they are
+USER_DATA_BUDGETS = {
+    "cpu": dict(d_model=32, n_layers=2, d_state=64, ranks=[2, 4, 8, 16], equal_total_ranks=[16],
+                originals=[(0, 3), (1, 2), (2, 1)], main_epochs=1, batch_size=50),
+}
 _NUMBER_SEPARATORS = re.compile(r"[,;\s]+")
 
 
@@ -81,6 +88,21 @@ class UserData:
         source = self.dataset if self.dataset is not None else self.train_file
         return self.name or os.path.basename(os.path.normpath(source))
 
+    def fingerprint(self) -> str:
+        """12 hex digits of SHA-256 over the data files' bytes and every reading option: what
+        caches (the `s4bt reproduce` stages) key user data by, so that changed data or options
+        never reuse a result."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        paths = [path for path in (self.train_file, self.validation_file, self.test_file) if path]
+        if self.dataset is not None:
+            paths += sorted(os.path.join(root, name) for root, _, names in os.walk(self.dataset) for name in names)
+        for path in paths:
+            digest.update(path.encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:12]
+
     def sources(self) -> dict[str, str]:
         """Split -> the file (or folder) it comes from, as error messages name it."""
         if self.dataset is not None:
@@ -125,18 +147,28 @@ def load_user_task(spec: UserData) -> TaskInfo:
     return TaskInfo(
         name=spec.display_name, input_kind="tokens" if spec.text_column else "values", num_labels=labels.num_labels,
         builder=_fixed(splits), describe=_describe(spec, splits, columns, label_column, labels),
-        problem_type=labels.problem_type, id2label=labels.id2label, preprocessor=preprocessor, **inputs,
+        problem_type=labels.problem_type, id2label=labels.id2label, preprocessor=preprocessor,
+        budgets=USER_DATA_BUDGETS, **inputs,
     )
 
 
 # ---------------------------------------------------------------------------------------------- reading
 def _read(spec: UserData) -> dict[str, datasets.Dataset]:
-    """The splits as `datasets` reads them, in memory (the cache goes to a throwaway folder)."""
-    with tempfile.TemporaryDirectory(prefix="s4bt-data-") as cache:
-        if spec.dataset is not None:
-            raw = _read_dataset_folder(spec.dataset, cache)
-        else:
-            raw = {split: _read_file(path, cache) for split, path in spec.sources().items()}
+    """The splits as `datasets` reads them, in memory (the cache goes to a throwaway folder),
+    quietly: its progress bars and its own error logs would break the one-line report."""
+    bars, verbosity = datasets.utils.logging.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    try:
+        with tempfile.TemporaryDirectory(prefix="s4bt-data-") as cache:
+            if spec.dataset is not None:
+                raw = _read_dataset_folder(spec.dataset, cache)
+            else:
+                raw = {split: _read_file(path, cache) for split, path in spec.sources().items()}
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
     sources = spec.sources()
     if "train" not in raw:
         raise DataError(f"{spec.dataset}: no 'train' split (found: {', '.join(raw) or 'none'})")
