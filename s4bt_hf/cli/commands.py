@@ -25,6 +25,7 @@ from ..data import TASK_INFOS
 from ..hub_s4dss import IncompleteCheckpointWarning
 from ..reduction_methods import METHOD_OPTIONS, REDUCTION_METHODS, parse_method_options
 from ..safe_io import OutputNotWritableError, as_write_error, describe, require_writable, staged_folder
+from ..training.accelerate_trainer import BEST_MODEL_METRICS
 from .arg_types import (
     method_option,
     nonnegative_float,
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: every epoch)")
     optim.add_argument("--save-every", type=positive_int, help="steps between checkpoints (default: every epoch)")
     optim.add_argument("--seed", type=nonnegative_int, default=0)
+    optim.add_argument("--metric-for-best-model", choices=BEST_MODEL_METRICS,
+                       help="what best/ is chosen by (default: accuracy; the loss for regression; F1 for multi-label)")
     optim.add_argument("--no-progress", action="store_true", help="no progress bar")
     aware = train.add_argument_group("compression-aware training")
     aware.add_argument("--hankel-weight", type=float, default=0.0,
@@ -413,7 +416,7 @@ def command_train(args) -> dict:
         extra={"task": args.task, "data": data_options, "train_samples": args.train_samples,
                "init_from": args.init_from},
         hankel_weight=args.hankel_weight, hankel_every=args.hankel_every, hankel_reuse=args.hankel_reuse,
-        reduction=schedule,
+        reduction=schedule, metric_for_best_model=args.metric_for_best_model,
     )
     try:
         config = TrainingConfig(**training_options)
@@ -427,6 +430,7 @@ def command_train(args) -> dict:
         raise TrainingStopped(str(error)) from error
     _save_preprocessor(info, [os.path.join(args.output, name) for name in ("best", "final")])
     return {"output": result.output_dir, "steps": result.steps, "best_validation_accuracy": result.best_accuracy,
+            "best_by": result.metric_for_best_model, "best_metric": result.best_metric,
             "best_step": result.best_step, "final_validation": result.final_metrics,
             "resumed_from_step": result.resumed_from}
 

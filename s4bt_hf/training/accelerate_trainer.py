@@ -11,7 +11,9 @@ Run folder (`output_dir`):
     checkpoints/step_N/  `Accelerator.save_state` + trainer_progress.json (+ hankel_term.safetensors with
                          `hankel_reuse`, reduction.json after a scheduled reduction), written atomically
     metrics.jsonl        one JSON object per logged step / evaluation (main process)
-    best/                `save_pretrained` of the model with the best validation accuracy
+    best/                `save_pretrained` of the model with the best validation metric
+                         (`metric_for_best_model`: by default accuracy, the loss for regression,
+                         F1 for multi-label classification)
     final/               `save_pretrained` of the last model, with `run_summary.json`
     .lock                held (flock) by the process writing the folder: one run per folder
 
@@ -69,6 +71,10 @@ _ACCELERATE_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin")
 logger = logging.getLogger(__name__)
 
 
+BEST_MODEL_METRICS = ("accuracy", "loss", "mse", "mae", "f1", "exact_match")
+_LOWER_IS_BETTER = ("loss", "mse", "mae")
+
+
 @dataclass
 class TrainingConfig:
     """Settings of one run. Steps are optimizer steps (after gradient accumulation)."""
@@ -100,6 +106,12 @@ class TrainingConfig:
     hankel_every: int = 1
     hankel_reuse: bool = False
     reduction: ReductionSchedule | None = None  # reduce every layer during training (also a dict of its fields)
+    # what `best/` is chosen by: an evaluation metric ("accuracy", "loss", "mse", "mae", "f1",
+    # "exact_match"); None: accuracy for single-label classification, the loss (the MSE) for
+    # regression, F1 for multi-label classification. `greater_is_better` None: lower is better for
+    # loss, mse and mae, higher for the others
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.output_dir, (str, os.PathLike)):
@@ -129,6 +141,12 @@ class TrainingConfig:
             raise ValueError("TrainingConfig: `hankel_every`/`hankel_reuse` schedule the Hankel penalty, which is off "
                              "(`hankel_weight` is 0); set `hankel_weight` > 0 or leave them at their defaults.")
         self.reduction = ReductionSchedule.coerce(self.reduction)
+        if self.metric_for_best_model is not None and self.metric_for_best_model not in BEST_MODEL_METRICS:
+            raise ValueError(f"TrainingConfig: `metric_for_best_model` must be one of {', '.join(BEST_MODEL_METRICS)} "
+                             f"or None, got {self.metric_for_best_model!r}.")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            raise TypeError(f"TrainingConfig: `greater_is_better` must be True, False or None, "
+                            f"got {self.greater_is_better!r}.")
         if self.on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"TrainingConfig: `on_nonfinite_loss` must be 'stop' or 'skip', "
                              f"got {self.on_nonfinite_loss!r}.")
@@ -197,6 +215,8 @@ class TrainResult:
     final_metrics: dict
     resumed_from: int | None
     skipped_batches: int = 0  # micro-batches left out for a non-finite loss (on_nonfinite_loss="skip")
+    metric_for_best_model: str | None = None  # what best/ was chosen by, and its value there
+    best_metric: float | None = None
 
 
 class _Progress:
@@ -204,17 +224,20 @@ class _Progress:
 
     def __init__(self):
         self.step = 0
-        self.best_accuracy = None
+        self.best_accuracy = None  # the accuracy of best/ (classification), whatever chose it
+        self.best_metric = None  # the value of `metric_for_best_model` of best/
         self.best_step = None
         self.skipped_batches = 0
 
     def state_dict(self):
         return {"step": self.step, "best_accuracy": self.best_accuracy, "best_step": self.best_step,
-                "skipped_batches": self.skipped_batches}
+                "skipped_batches": self.skipped_batches, "best_metric": self.best_metric}
 
     def load_state_dict(self, state):
         self.step, self.best_accuracy, self.best_step = state["step"], state["best_accuracy"], state["best_step"]
         self.skipped_batches = state.get("skipped_batches", 0)  # absent in checkpoints of older versions
+        # older versions chose best/ by accuracy only
+        self.best_metric = state.get("best_metric", self.best_accuracy)
 
     @staticmethod
     def check(state, path: str) -> dict:
@@ -223,7 +246,8 @@ class _Progress:
         if not (isinstance(state, dict) and {"step", "best_accuracy", "best_step"} <= set(state)
                 and type(state["step"]) is int and state["step"] >= 0
                 and isinstance(state.get("best_accuracy"), number) and isinstance(state.get("best_step"), number)
-                and type(state.get("skipped_batches", 0)) is int):
+                and type(state.get("skipped_batches", 0)) is int
+                and isinstance(state.get("best_metric"), number)):
             raise CheckpointError(path, "not a trainer progress record")
         return state
 
@@ -583,7 +607,11 @@ def _train_loop(run: _Run) -> None:
 
 def _compute_loss(run: _Run, batch) -> torch.Tensor:
     """The loss of one micro-batch (the model's own loss)."""
-    return run.model(**batch).loss
+    loss = run.model(**batch).loss
+    if loss is None:  # the model computes a loss only from `labels`
+        raise ValueError(f"a training batch has no `labels` (it has {', '.join(map(str, batch))}); name the label "
+                         "column `labels` or `label` (the default collator reads both), or collate it as `labels`")
+    return loss
 
 
 def _training_step(run: _Run, batch) -> None:
@@ -632,7 +660,7 @@ def _reduce(run: _Run) -> None:
     swap_optimizer_parameters(run.optimizer, reduce_during_training(model, run.config.reduction, step,
                                                                    run.total_steps))
     run.reduced_at = step
-    run.progress.best_accuracy, run.progress.best_step = None, None
+    run.progress.best_accuracy, run.progress.best_metric, run.progress.best_step = None, None, None
     if run.hankel is not None:
         run.hankel.clear()  # its kept gradient has the old shapes
     _log(run.config.output_dir, run.accelerator, {"step": step, "reduced_d_state": model.config.layer_d_states})
@@ -695,11 +723,28 @@ def _evaluate_and_keep_best(run: _Run) -> None:
     run.last_metrics = evaluate_model(run.model, run.eval_loader, run.accelerator)
     _log(run.config.output_dir, run.accelerator,
          {"step": step, **{f"eval_{name}": value for name, value in run.last_metrics.items()}})
-    accuracy = run.last_metrics.get("accuracy")
-    if accuracy is not None and (progress.best_accuracy is None or accuracy > progress.best_accuracy):
-        progress.best_accuracy, progress.best_step = accuracy, step
+    name, greater = _best_model_metric(run.config, run.last_metrics)
+    value = run.last_metrics[name]
+    best = progress.best_metric
+    if best is None or (value > best if greater else value < best):
+        progress.best_metric, progress.best_step = value, step
+        progress.best_accuracy = run.last_metrics.get("accuracy")
         _save_model(run.accelerator, run.model, os.path.join(run.config.output_dir, "best"))
     run.model.train()
+
+
+def _best_model_metric(config: TrainingConfig, metrics: dict) -> tuple[str, bool]:
+    """(metric name, whether greater is better) that chooses best/, by the config or by the
+    metrics the problem type reports."""
+    name = config.metric_for_best_model
+    if name is None:
+        name = "accuracy" if "accuracy" in metrics else "f1" if "f1" in metrics else "loss"
+    if name not in metrics:
+        reported = ", ".join(key for key in metrics if key != "samples")
+        raise ValueError(f"TrainingConfig: `metric_for_best_model` is {name!r}, but the evaluation reports "
+                         f"{reported} (the model's problem type decides which)")
+    greater = config.greater_is_better if config.greater_is_better is not None else name not in _LOWER_IS_BETTER
+    return name, greater
 
 
 def _finish(run: _Run) -> TrainResult:
@@ -707,8 +752,10 @@ def _finish(run: _Run) -> TrainResult:
     accelerator, progress = run.accelerator, run.progress
     final_dir = os.path.join(run.config.output_dir, "final")
     _save_model(accelerator, run.model, final_dir)
+    chosen_by = _best_model_metric(run.config, run.last_metrics)[0] if run.last_metrics else None
     result = TrainResult(run.config.output_dir, progress.step, progress.best_accuracy, progress.best_step,
-                         run.last_metrics, run.resumed_from, progress.skipped_batches)
+                         run.last_metrics, run.resumed_from, progress.skipped_batches, chosen_by,
+                         progress.best_metric)
     if accelerator.is_main_process:
         summary = os.path.join(final_dir, SUMMARY_FILE)
         with _writing(summary), open(summary, "w", encoding="utf-8") as handle:
