@@ -51,6 +51,11 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
     layers = model.base_model.layers
     original_states = config.layer_d_states
     _check_arguments(rank, tol, budget, time, kernel_length, workers, original_states)
+    on_meta = sorted({name.rsplit(".", 1)[0] for name, parameter in model.named_parameters() if parameter.is_meta})
+    if on_meta:  # torch would fail with "Cannot copy out of meta tensor" deep inside
+        raise ValueError(f"{method}: the model's weights are not materialised (on the meta device: "
+                         f"{', '.join(on_meta[:3])}{', ...' if len(on_meta) > 3 else ''}); load weights or call "
+                         "`model.to_empty(device=...)` and `model.init_weights()` first.")
     tol, budget, kernel_length = (_plain_number(value) for value in (tol, budget, kernel_length))
     batches = check_calibration_data(model, calibration_data) if calibration_data is not None else None
     systems = [_layer_system(index, layer.kernel, time) for index, layer in enumerate(layers)]

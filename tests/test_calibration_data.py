@@ -116,3 +116,13 @@ def test_any_iterable_of_batches_and_numpy_values_are_accepted():
 def test_what_is_not_a_batch_is_named(data, message):
     with pytest.raises(TypeError, match=message):
         _build().reduce("balanced_truncation", 2, calibration_data=data)
+
+
+def test_a_meta_device_model_is_refused_by_name():
+    import s4bt_hf
+
+    with torch.device("meta"):
+        model = s4bt_hf.S4DSSForSequenceClassification(s4bt_hf.S4DSSConfig(input_dim=1, d_model=4, n_layers=1,
+                                                                           d_state=4, num_labels=2))
+    with pytest.raises(ValueError, match=r"not materialised \(on the meta device: classifier, s4dss"):
+        model.reduce("balanced_truncation", rank=2)
