@@ -24,7 +24,7 @@ from .compression_report import CompressionReport, LayerCompression
 from .diagonal_system import CONTINUOUS, DISCRETE, TIME_DOMAINS, VANISHED_MAGNITUDE, DiagonalSystem, modal_dc_gain
 from .kernel_s4dss import vandermonde_kernel, zoh_discretize
 from .rank_budget import allocate_ranks, modes_for_budget, rank_gains
-from .reduction_methods import REDUCTION_METHODS, check_method_options
+from .reduction_methods import REDUCTION_METHODS, SCORE_BUDGET_METHODS, check_method_options, check_method_tol
 from .refit import check_calibration_data, refit_output_maps
 
 SSM_PARAMETER_NAMES = ("log_dt", "log_A_real", "A_imag", "B", "C", "D")
@@ -46,6 +46,7 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
     modified. See `S4DSSPreTrainedModel.reduce` for the arguments."""
     started = clock.perf_counter()
     method_options = check_method_options(method, method_options)  # plain, checked values (the report keeps them)
+    check_method_tol(method, tol)
     reduce_layer = REDUCTION_METHODS[method]
     config = model.config
     layers = model.base_model.layers
@@ -68,9 +69,15 @@ def reduce_model(model, method: str = "balanced_truncation", rank=None, *, tol=N
     elif budget is not None:
         total = modes_for_budget(budget, d_model=config.d_model, original_states=original_states,
                                  output_rows=len(first_lags), ssm_parameters=ssm_parameter_count(model))
-        sigmas = [hankel_singular_values(bank.modes, bank.input_vec, bank.output_vec, time) for bank in banks]
-        ranks = allocate_ranks([rank_gains(sigma) for sigma in sigmas], total)
+        if method in SCORE_BUDGET_METHODS:  # the method's own normalised scores, one global threshold
+            gains = [SCORE_BUDGET_METHODS[method](bank) for bank in banks]
+        else:
+            sigmas = [hankel_singular_values(bank.modes, bank.input_vec, bank.output_vec, time) for bank in banks]
+            gains = [rank_gains(sigma) for sigma in sigmas]
+        ranks = allocate_ranks(gains, total)
         budget_report = {"budget": budget, "modes_per_channel": total, "ranks": list(ranks)}
+        if method in SCORE_BUDGET_METHODS:  # the global threshold τ: kept slots score >= τ >= dropped ones
+            budget_report["threshold"] = min(float(gain[:rank].min()) for gain, rank in zip(gains, ranks, strict=True))
     elif isinstance(rank, numbers.Integral):
         ranks = [int(rank)] * len(layers)
     else:

@@ -107,7 +107,7 @@ class CompressionReport:
     method: str = "balanced_truncation"
     tol: float | None = None
     options: dict = field(default_factory=dict)  # the method's options
-    # `budget=` of `model.reduce`: {"budget", "modes_per_channel", "ranks"}
+    # `budget=` of `model.reduce`: {"budget", "modes_per_channel", "ranks"} (+ "threshold": methods "last", "aire")
     budget: dict | None = None
     wall_seconds: float | None = None
     # reduced during training: {"step", "total_steps", "schedule"} (`training.ReductionSchedule`)

@@ -39,6 +39,8 @@ REMOTE_CODE_MODULES = (
     "balanced_truncation",
     "singular_perturbation",
     "modal_truncation",
+    "state_scores",
+    "peer_pruning",
     "h2_reduction",
     "refit",
     "rank_budget",

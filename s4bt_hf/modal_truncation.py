@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from .diagonal_system import DISCRETE, DiagonalSystem, ReducedModes, modal_dc_gain
+from .diagonal_system import DiagonalSystem, ReducedModes, modal_dc_gain
+from .state_scores import state_hinf_norms
 
 
 def modal_scores(system: DiagonalSystem) -> torch.Tensor:
-    """H∞ score of every mode (..., N), see the module."""
-    weight = system.residues().abs().square().sum(-2).sqrt()
-    damping = (1.0 - system.modes.abs()) if system.time == DISCRETE else -system.modes.real
-    return weight / damping
+    """H∞ score of every mode (..., N), see the module (`state_scores.state_hinf_norms`)."""
+    return state_hinf_norms(system)
 
 
 def modal_truncation(system: DiagonalSystem, rank: int, *, match_dc: bool = False, pad_mode: complex = 0.0,
@@ -39,6 +38,17 @@ def modal_truncation(system: DiagonalSystem, rank: int, *, match_dc: bool = Fals
     del workers
     system = system.to_complex128()
     scores = modal_scores(system)
+    reduced = keep_modes(system, scores, rank, match_dc=match_dc, pad_mode=pad_mode)
+    dropped_score = scores.scatter(-1, reduced.details.pop("kept"), 0.0).sum(-1)
+    reduced.details["error_bound"] = dropped_score * (2.0 if match_dc else 1.0)
+    return reduced
+
+
+def keep_modes(system: DiagonalSystem, scores: torch.Tensor, rank: int, *, match_dc: bool = False,
+               pad_mode: complex = 0.0) -> ReducedModes:
+    """The `rank` modes of largest `scores` (..., N) of every system of `system` (complex128), with
+    their modes and residues exactly as they are (ties: the earlier mode). `match_dc` puts the
+    dropped modes' DC gain into the direct term. Details: `scores`, `kept` (..., rank) indices."""
     order = scores.argsort(dim=-1, descending=True, stable=True)
     kept, dropped = order[..., :rank], order[..., rank:]
     residues = system.residues()
@@ -47,15 +57,9 @@ def modal_truncation(system: DiagonalSystem, rank: int, *, match_dc: bool = Fals
     # nothing held by a mode of zero residue (a zero channel): mark it as padding
     padding = kept_residues.abs().sum(-2) == 0
     modes = torch.where(padding, torch.full_like(modes, pad_mode), modes)
-    dropped_score = scores.gather(-1, dropped).sum(-1)
     feedthrough = residues.real.new_zeros(residues.shape[:-1])
     if match_dc:
         gains = modal_dc_gain(system.modes, residues, system.time)
         feedthrough = gains.gather(-1, dropped.unsqueeze(-2).expand(*gains.shape[:-1], dropped.shape[-1])).sum(-1)
-    return ReducedModes(
-        modes=modes,
-        residues=kept_residues,
-        padding=padding,
-        feedthrough=feedthrough,
-        details={"scores": scores, "error_bound": dropped_score * (2.0 if match_dc else 1.0)},
-    )
+    return ReducedModes(modes=modes, residues=kept_residues, padding=padding, feedthrough=feedthrough,
+                        details={"scores": scores, "kept": kept})

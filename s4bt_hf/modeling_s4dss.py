@@ -353,13 +353,18 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
             `"h2"`: minimises each channel's H2 (kernel ℓ2) error from the balanced truncation of the
                 same rank, never worse than it; option `max_iterations` (L-BFGS, default 50, at
                 most 10000; it stops earlier at convergence).
+            `"last"`, `"aire"`: the peers' state pruning (LAST: H∞ norm |w|/(1 - |ā|) of each state;
+                AIRE-Prune: its H2 energy |w|²/(1 - |ā|²)): each channel keeps its `rank` best modes,
+                unchanged; `budget` splits the states by the paper's layer-normalised scores and one
+                global threshold. No `tol`.
 
         Args:
             rank (`int` or `list[int]`), tol (`float`): as in `balanced_truncate` (tol picks ranks
                 from the Hankel singular values, whatever the method).
             budget (`int` or `float`): instead, a model-wide size — an int is the total number of
                 complex modes (Σ_layers d_model · rank), a float in (0, 1] a fraction of the SSM
-                parameters — split between the layers to minimise the discarded Hankel energy.
+                parameters — split between the layers to minimise the discarded Hankel energy
+                (`"last"`, `"aire"`: by their layer-normalised scores, one global threshold).
             time (`str`): `"discrete"` (default) or `"continuous"` system.
             kernel_length (`int`): length over which the report measures the kernel error.
             workers (`int`): threads for the reduction (default: torch's thread count).

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .balanced_truncation import balanced_truncation
 from .h2_reduction import MAX_ITERATIONS, h2_optimal
 from .modal_truncation import modal_truncation
+from .peer_pruning import aire_pruning, aire_rank_gains, last_pruning, last_rank_gains
 from .singular_perturbation import singular_perturbation
 
 # The command line's spellings of a bool option (any letter case): one word per value, as in JSON
@@ -104,6 +105,8 @@ REDUCTION_METHODS = {
     "singular_perturbation": singular_perturbation,
     "modal_truncation": modal_truncation,
     "h2": h2_optimal,
+    "last": last_pruning,
+    "aire": aire_pruning,
 }
 # The options of each method: its keyword-only arguments besides the path's own `pad_mode` and
 # `workers` (tests/test_method_options.py checks them against the signatures).
@@ -119,6 +122,15 @@ METHOD_OPTIONS = {
                      "earlier at convergence, usually within a few hundred; 0 keeps the start)",
                      minimum=0, maximum=MAX_ITERATIONS),
     ),
+    "last": (),
+    "aire": (),
+}
+# Methods that split a `budget=` between the layers by their own layer-normalised scores (one
+# global threshold, see `peer_pruning.py`) instead of Hankel energy: {method: gains of one layer's
+# bank (N,)}. They define no kept-energy tolerance, so they refuse `tol=` (`check_method_tol`).
+SCORE_BUDGET_METHODS = {
+    "last": last_rank_gains,
+    "aire": aire_rank_gains,
 }
 # Methods whose details carry the kept real states and Hankel singular values of a balanced
 # realisation (kept energy and the 2 Σ σ bound are then reported).
@@ -146,6 +158,13 @@ def parse_method_options(name, pairs) -> dict:
     if repeated:
         raise ValueError(f"method {name!r}: option(s) {', '.join(repeated)} given more than once.")
     return {key: schema[key].parse(name, text) for key, text in pairs}
+
+
+def check_method_tol(name, tol) -> None:
+    """A `ValueError` if `tol` is given for a method that defines no kept-energy tolerance."""
+    if tol is not None and name in SCORE_BUDGET_METHODS:
+        raise ValueError(f"method {name!r} takes `rank` or `budget` (its paper's global threshold on layer-normalised "
+                         f"scores), not `tol`: it defines no kept-energy tolerance; got tol={tol!r}.")
 
 
 def _option_schema(name, given) -> dict:

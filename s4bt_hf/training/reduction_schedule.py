@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..rank_budget import modes_for_budget
-from ..reduction_methods import REDUCTION_METHODS, check_method_options
+from ..reduction_methods import REDUCTION_METHODS, check_method_options, check_method_tol
 
 REDUCED_PARAMETER_NAMES = ("log_A_real", "A_imag", "B", "C")  # new objects of the reduced shape
 # log_dt and D keep their objects (and Adam moments); D's value changes only for methods with a direct term
@@ -45,7 +45,7 @@ class ReductionSchedule:
         at: a float in (0, 1]: the fraction of the run's optimizer steps after which to reduce
             (step max(1, round(at · total_steps))); or an int >= 1: that optimizer step.
         method: a method of `model.reduce` (`s4bt_hf.reduction_methods.REDUCTION_METHODS`:
-            "balanced_truncation" (default), "singular_perturbation", "modal_truncation", "h2").
+            "balanced_truncation" (default), "singular_perturbation", "modal_truncation", "h2", "last", "aire").
         rank: complex modes per channel after the reduction (an int, or one per layer), or
         tol: the fraction of each layer's Hankel energy to keep, in (0, 1], or
         budget: a model-wide size (an int: total complex modes Σ_layers d_model · rank; a float in
@@ -91,6 +91,10 @@ class ReductionSchedule:
             # plain ints (numpy's would not go into run_config.json); a list becomes a hashable tuple
             object.__setattr__(self, "rank", tuple(int(value) for value in ranks)
                                if isinstance(self.rank, (list, tuple)) else int(self.rank))
+        try:
+            check_method_tol(self.method, self.tol)
+        except ValueError as error:
+            raise ValueError(f"ReductionSchedule: {error}") from None
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real)
                                      or not 0 < self.tol <= 1):
             raise ValueError(f"ReductionSchedule: `tol` is the fraction of Hankel energy to keep, in (0, 1]; "
