@@ -181,8 +181,10 @@ def _plain_number(value):
 def _layer_system(index: int, kernel, time: str):
     """(modes, input vector, output rows (H, p, N), log Δ) of one layer in float64/complex128,
     after checking that every channel is finite and strictly stable."""
+    # parameters are read as fresh copies (`copy=True`) here and below: a loaded checkpoint's tensors may
+    # lie 8-byte aligned in the file's memory, and a complex128 view of them crashes some torch kernels
     with torch.no_grad():
-        tensors = {name: getattr(kernel, name).detach().to("cpu", torch.float64) for name in SSM_PARAMETER_NAMES}
+        tensors = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True) for name in SSM_PARAMETER_NAMES}
     for name, tensor in tensors.items():
         bad = ~torch.isfinite(tensor)
         if bad.any():
@@ -292,7 +294,7 @@ def _layer_parameters(index, kernel, bank: DiagonalSystem, log_dt, result, rank:
         input_vec = torch.where(unchanged.vectors, unchanged.input_vec, input_vec)
         output_vec = torch.where(unchanged.vectors.unsqueeze(-2), unchanged.output_vec, output_vec)
     with torch.no_grad():
-        skip = kernel.D.detach().to("cpu", torch.float64) + result.feedthrough.sum(-1)
+        skip = kernel.D.detach().to("cpu", torch.float64, copy=True) + result.feedthrough.sum(-1)
     parameters = {
         "log_A_real": torch.log(-continuous.real),
         "A_imag": continuous.imag,
@@ -337,8 +339,8 @@ def _unchanged_modes(kernel, bank: DiagonalSystem, result) -> _UnchangedModes | 
     source = same_mode.to(torch.int8).argmax(-1)  # (H, r): index of the original mode
     with torch.no_grad():
         original_modes = kernel.modes(torch.float64).detach().cpu()
-        original_input = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64).contiguous())
-        original_output = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64).contiguous())
+        original_input = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64, copy=True).contiguous())
+        original_output = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64, copy=True).contiguous())
     rows = source.unsqueeze(-2).expand_as(result.residues)
     same_residues = unchanged & (result.residues == bank.residues().gather(-1, rows)).all(-2)
     return _UnchangedModes(mode=unchanged, vectors=same_residues, original_modes=original_modes.gather(-1, source),
@@ -384,7 +386,7 @@ def _kernel_errors(kernel, parameters, length):
         return values, gain
 
     with torch.no_grad():
-        original = {name: getattr(kernel, name).detach().to("cpu", torch.float64) for name in SSM_PARAMETER_NAMES}
+        original = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True) for name in SSM_PARAMETER_NAMES}
         stored = {
             name: value.to(getattr(kernel, name).dtype).to(torch.float64).contiguous()
             for name, value in parameters.items()
@@ -401,7 +403,7 @@ def _remeasure_errors(model, compressed, kernel_length: int) -> None:
     """After a refit, the report's kernel and DC-gain errors are those of the model as stored."""
     for report, original, new in zip(compressed.compression_report.layers, model.base_model.layers,
                                      compressed.base_model.layers, strict=True):
-        parameters = {name: getattr(new.kernel, name).detach().to("cpu", torch.float64)
+        parameters = {name: getattr(new.kernel, name).detach().to("cpu", torch.float64, copy=True)
                       for name in ("log_A_real", "A_imag", "B", "C", "D")}
         error, _, gain_error = _kernel_errors(original.kernel, parameters, kernel_length)
         report.kernel_error, report.dc_gain_error = _rounded(error), _rounded(gain_error)

@@ -139,9 +139,9 @@ def mode_responses(kernel, length: int) -> torch.Tensor:
     modes (zero output vector) are left out as zero kernels."""
     with torch.no_grad():
         modes = kernel.modes(torch.float64).detach().cpu()
-        log_dt = kernel.log_dt.detach().to("cpu", torch.float64)
-        input_vec = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64).contiguous())
-        output_vec = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64).contiguous())  # (c, H, r)
+        log_dt = kernel.log_dt.detach().to("cpu", torch.float64, copy=True)
+        input_vec = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64, copy=True).contiguous())
+        output_vec = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64, copy=True).contiguous())  # (c, H, r)
     log_a_bar, input_bar = zoh_discretize(modes, log_dt, input_vec)
     steps = torch.arange(length, dtype=torch.float64)
     powers = input_bar.unsqueeze(-1) * torch.exp(log_a_bar.unsqueeze(-1) * steps)  # (H, r, L)
@@ -211,9 +211,9 @@ class _NormalEquations:
 def _coefficients(kernel) -> torch.Tensor:
     """θ = [Re C (row-major over rows and modes); Im C; D] of a layer, (H, P)."""
     with torch.no_grad():
-        output_vec = kernel.C.detach().to("cpu", torch.float64)  # (c, H, r, 2)
+        output_vec = kernel.C.detach().to("cpu", torch.float64, copy=True)  # (c, H, r, 2)
         parts = [torch.cat([output_vec[row, ..., 0], output_vec[row, ..., 1]], -1) for row in range(len(output_vec))]
-        return torch.cat([*parts, kernel.D.detach().to("cpu", torch.float64).unsqueeze(-1)], -1)
+        return torch.cat([*parts, kernel.D.detach().to("cpu", torch.float64, copy=True).unsqueeze(-1)], -1)
 
 
 def _write_coefficients(kernel, theta: torch.Tensor) -> None:
