@@ -184,7 +184,8 @@ def _layer_system(index: int, kernel, time: str):
     # parameters are read as fresh copies (`copy=True`) here and below: a loaded checkpoint's tensors may
     # lie 8-byte aligned in the file's memory, and a complex128 view of them crashes some torch kernels
     with torch.no_grad():
-        tensors = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True) for name in SSM_PARAMETER_NAMES}
+        tensors = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True)
+                   for name in SSM_PARAMETER_NAMES}
     for name, tensor in tensors.items():
         bad = ~torch.isfinite(tensor)
         if bad.any():
@@ -386,7 +387,8 @@ def _kernel_errors(kernel, parameters, length):
         return values, gain
 
     with torch.no_grad():
-        original = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True) for name in SSM_PARAMETER_NAMES}
+        original = {name: getattr(kernel, name).detach().to("cpu", torch.float64, copy=True)
+                    for name in SSM_PARAMETER_NAMES}
         stored = {
             name: value.to(getattr(kernel, name).dtype).to(torch.float64).contiguous()
             for name, value in parameters.items()

@@ -141,7 +141,8 @@ def mode_responses(kernel, length: int) -> torch.Tensor:
         modes = kernel.modes(torch.float64).detach().cpu()
         log_dt = kernel.log_dt.detach().to("cpu", torch.float64, copy=True)
         input_vec = torch.view_as_complex(kernel.B.detach().to("cpu", torch.float64, copy=True).contiguous())
-        output_vec = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64, copy=True).contiguous())  # (c, H, r)
+        # (c, H, r); a fresh copy: a loaded checkpoint's tensor may not be aligned for a complex128 view
+        output_vec = torch.view_as_complex(kernel.C.detach().to("cpu", torch.float64, copy=True).contiguous())
     log_a_bar, input_bar = zoh_discretize(modes, log_dt, input_vec)
     steps = torch.arange(length, dtype=torch.float64)
     powers = input_bar.unsqueeze(-1) * torch.exp(log_a_bar.unsqueeze(-1) * steps)  # (H, r, L)
