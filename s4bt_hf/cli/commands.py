@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     compress.add_argument("--output", required=True, help="new folder for the compressed model")
     compress.add_argument("--method", default="balanced_truncation", choices=tuple(REDUCTION_METHODS),
-                          help="reduction method (default balanced_truncation)")
+                          help="reduction method (default balanced_truncation; last and aire: the LAST and AIRE-Prune "
+                          "state pruning, with --rank or --budget)")
     size = compress.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=positive_int, help="complex modes per channel after compression")
     size.add_argument("--tol", type=unit_interval_closed, help="fraction of Hankel energy to keep, in (0, 1]")

@@ -49,7 +49,8 @@ class ReductionSchedule:
         rank: complex modes per channel after the reduction (an int, or one per layer), or
         tol: the fraction of each layer's Hankel energy to keep, in (0, 1], or
         budget: a model-wide size (an int: total complex modes Σ_layers d_model · rank; a float in
-            (0, 1]: fraction of the SSM parameters), split between the layers by Hankel energy.
+            (0, 1]: fraction of the SSM parameters), split between the layers by Hankel energy
+            ("last", "aire": by their layer-normalised scores, one global threshold; they take no `tol`).
             Give exactly one of the three.
         time: `"discrete"` (default) or `"continuous"`: the system that is reduced.
         options: the method's options (e.g. `{"match_dc": True}` for modal truncation,
