@@ -35,6 +35,7 @@ import s4bt_hf
 from s4bt_hf.data import PadCollator, load_task, task_info
 from s4bt_hf.data.user_data import DataError, UserData, load_user_task
 from s4bt_hf.metrics import compute_metrics_for
+from s4bt_hf.model_card import derived_card_info
 from s4bt_hf.training import S4DSSTrainer
 
 logger = logging.getLogger(__name__)
@@ -132,10 +133,9 @@ def main(argv=None):
         raise SystemExit(f"run_classification.py: error: {error}") from None
     model = build_model(model_args, info)
     # what the saved model's card says about its data (and, fine-tuned, what it started from)
-    model.card_info = {**(model.card_info or {}), "datasets": [info.name],
+    # (fine-tuned or reduced: the original's card, less its results, with the original as base_model)
+    model.card_info = {**derived_card_info(model), "datasets": [info.name],
                        "data": info.describe({"seed": training_args.seed})}
-    if model_args.model_name_or_path is not None and model_args.reduce_method is None:
-        model.card_info["base_model"] = model_args.model_name_or_path
     splits = splits.with_format("torch")
     train = first(splits["train"], data_args.max_train_samples)
     validation = first(splits["validation"], data_args.max_eval_samples)

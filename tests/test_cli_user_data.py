@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from huggingface_hub import ModelCard
 from test_feature_extraction import bert_style_tokenizer
 from test_user_data import series_frame, write
 from transformers import AutoFeatureExtractor, pipeline
@@ -43,6 +44,12 @@ def test_train_evaluate_compress_export_on_a_parquet_file(tmp_path, capsys, seri
     assert config["id2label"] == {"0": "down", "1": "up"} and config["input_dim"] == 1
     assert (tmp_path / "run" / "best" / "preprocessor_config.json").is_file()
     assert "User data `train.parquet`" in (final / "README.md").read_text()
+    card = ModelCard.load(final / "README.md").data
+    summary = json.loads(out.strip().splitlines()[-1])
+    (result,) = card.eval_results
+    assert (result.metric_type, result.dataset_split) == ("accuracy", "validation")
+    assert result.metric_value == pytest.approx(summary["final_validation"]["accuracy"])
+    assert card.datasets == ["train.parquet"] and card.base_model is None
     extractor = AutoFeatureExtractor.from_pretrained(final)
     scores = pipeline("audio-classification", model=str(final), feature_extractor=extractor)(np.ones(9, np.float32))
     assert {entry["label"] for entry in scores} == {"down", "up"}
@@ -59,6 +66,13 @@ def test_train_evaluate_compress_export_on_a_parquet_file(tmp_path, capsys, seri
     assert report["layers"][0]["refit"] is not None
     code, _, err = run(capsys, "export", "--model", str(tmp_path / "small"), "--output", str(tmp_path / "onnx"))
     assert code == 0, err
+    code, out, err = run(capsys, "train", *data, "--init-from", str(tmp_path / "small"), "--output",
+                         str(tmp_path / "retrained"), "--max-steps", "2", *TINY_MODEL)
+    assert code == 0, err
+    card = ModelCard.load(tmp_path / "retrained" / "final" / "README.md").data
+    assert card.base_model == str(tmp_path / "small")
+    assert card.eval_results[0].metric_value == pytest.approx(
+        json.loads(out.strip().splitlines()[-1])["final_validation"]["accuracy"])
 
 
 def test_text_and_regression_files(tmp_path, capsys):

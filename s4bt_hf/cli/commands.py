@@ -23,6 +23,7 @@ import warnings
 from ..configuration_s4dss import NORMS, POOLINGS, SSM_INITS, S4DSSConfig
 from ..data import TASK_INFOS
 from ..hub_s4dss import IncompleteCheckpointWarning
+from ..model_card import derived_card_info, eval_results_from_metrics, render_model_card
 from ..reduction_methods import METHOD_OPTIONS, REDUCTION_METHODS, parse_method_options
 from ..safe_io import OutputNotWritableError, as_write_error, describe, require_writable, staged_folder
 from ..training.accelerate_trainer import BEST_MODEL_METRICS
@@ -406,9 +407,8 @@ def command_train(args) -> dict:
     if len(splits["validation"]) == 0:
         raise CliError(f"the {args.task} validation split is empty; the best model cannot be chosen on 0 samples")
     # the saved models' cards name their data (and, retrained, what they started from)
-    model.card_info = {**(model.card_info or {}), "datasets": [info.name], "data": info.describe(data_options)}
-    if args.init_from:
-        model.card_info["base_model"] = args.init_from
+    # (a retrained model starts from what its original's card said, less that model's results)
+    model.card_info = {**derived_card_info(model), "datasets": [info.name], "data": info.describe(data_options)}
     training_options = dict(
         output_dir=args.output, learning_rate=args.lr, weight_decay=args.weight_decay, num_epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -430,10 +430,21 @@ def command_train(args) -> dict:
     except NonFiniteLossError as error:
         raise TrainingStopped(str(error)) from error
     _save_preprocessor(info, [os.path.join(args.output, name) for name in ("best", "final")])
+    _card_with_results(model, info, result.final_metrics, os.path.join(args.output, "final"))
     return {"output": result.output_dir, "steps": result.steps, "best_validation_accuracy": result.best_accuracy,
             "best_by": result.metric_for_best_model, "best_metric": result.best_metric,
             "best_step": result.best_step, "final_validation": result.final_metrics,
             "resumed_from_step": result.resumed_from}
+
+
+def _card_with_results(model, info, metrics: dict, folder: str) -> None:
+    """final/'s card with the last validation metrics as its model-index (main process)."""
+    if not metrics or os.environ.get("RANK", "0") != "0" or not os.path.isdir(folder):
+        return
+    model.card_info = {**(model.card_info or {}),
+                       "eval_results": eval_results_from_metrics(metrics, model.config, info.name, "validation")}
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(render_model_card(model))
 
 
 def _save_preprocessor(info, folders: list[str]) -> None:
