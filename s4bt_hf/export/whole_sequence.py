@@ -61,9 +61,14 @@ def _lower_triangular_powers(log_re, log_im, size, device, dtype):
 
 
 def _pad_to_multiple(values: torch.Tensor, block: int) -> torch.Tensor:
-    """Zero-pad the last axis to a multiple of `block` (a causal recurrence: a zero tail changes no
-    earlier output). Always pads (possibly by 0) so that a traced graph takes one path for every length."""
-    return nn.functional.pad(values, (0, (block - values.shape[-1] % block) % block))
+    """Zero-pad the last axis to a multiple of `block` with at least one extra block (a causal
+    recurrence: a zero tail changes no earlier output). Returns (padded, number of blocks).
+
+    The extra block keeps the block count >= 2 for every length, so `torch.export` never meets a
+    size-1 axis (where broadcasting would take another path) and traces one graph for all lengths;
+    ceil-division rather than `-n % block` keeps its symbolic shapes simple."""
+    num_blocks = (values.shape[-1] + block - 1) // block + 1
+    return nn.functional.pad(values, (0, num_blocks * block - values.shape[-1])), num_blocks
 
 
 def diagonal_scan(x_re, x_im, log_re, log_im, levels: int = SCAN_LEVELS, block: int = SCAN_BLOCK):
@@ -84,24 +89,25 @@ def diagonal_scan(x_re, x_im, log_re, log_im, levels: int = SCAN_LEVELS, block: 
         # s_i = Σ_j M[i, j] x_j:  (G, B, M) @ (G, M, M)^T
         matrix_re, matrix_im = matrix_re.transpose(1, 2), matrix_im.transpose(1, 2)
         return x_re @ matrix_re - x_im @ matrix_im, x_re @ matrix_im + x_im @ matrix_re
-    x_re, x_im = _pad_to_multiple(x_re, block), _pad_to_multiple(x_im, block)
-    x_re, x_im = x_re.reshape(groups, -1, block), x_im.reshape(groups, -1, block)  # (G, B*C, T)
+    (x_re, num_blocks), (x_im, _) = _pad_to_multiple(x_re, block), _pad_to_multiple(x_im, block)
+    x_re, x_im = x_re.reshape(groups, batch * num_blocks, block), x_im.reshape(groups, batch * num_blocks, block)
     matrix_re, matrix_im = _lower_triangular_powers(log_re, log_im, block, device, dtype)
     matrix_re, matrix_im = matrix_re.transpose(1, 2), matrix_im.transpose(1, 2)
     local_re = x_re @ matrix_re - x_im @ matrix_im
     local_im = x_re @ matrix_im + x_im @ matrix_re
     # S_c = ā^T S_{c-1} + local_c[T-1] over the chunks; the state entering chunk c is S_{c-1}
-    ends_re = local_re[..., -1].reshape(groups, batch, -1)
-    ends_im = local_im[..., -1].reshape(groups, batch, -1)
+    ends_re = local_re[..., -1].reshape(groups, batch, num_blocks)
+    ends_im = local_im[..., -1].reshape(groups, batch, num_blocks)
     end_re, end_im = diagonal_scan(ends_re, ends_im, log_re * block, log_im * block, levels - 1, block)
-    enter_re = nn.functional.pad(end_re, (1, 0))[..., :-1].reshape(groups, -1, 1)
-    enter_im = nn.functional.pad(end_im, (1, 0))[..., :-1].reshape(groups, -1, 1)
+    enter_re = nn.functional.pad(end_re, (1, 0))[..., :num_blocks].reshape(groups, batch * num_blocks, 1)
+    enter_im = nn.functional.pad(end_im, (1, 0))[..., :num_blocks].reshape(groups, batch * num_blocks, 1)
     offsets = torch.arange(1, block + 1, device=device, dtype=dtype)
     carry_re, carry_im = real_powers(log_re, log_im, offsets)  # ā^{t+1}, (G, T)
     carry_re, carry_im = carry_re.unsqueeze(1), carry_im.unsqueeze(1)
     s_re = local_re + carry_re * enter_re - carry_im * enter_im
     s_im = local_im + carry_re * enter_im + carry_im * enter_re
-    return s_re.reshape(groups, batch, -1)[..., :length], s_im.reshape(groups, batch, -1)[..., :length]
+    padded = num_blocks * block
+    return s_re.reshape(groups, batch, padded)[..., :length], s_im.reshape(groups, batch, padded)[..., :length]
 
 
 def real_causal_convolution(inputs, log_re, log_im, weight_re, weight_im, chunk: int):
@@ -114,8 +120,8 @@ def real_causal_convolution(inputs, log_re, log_im, weight_re, weight_im, chunk:
     batch, length, channels = inputs.shape
     num_modes = log_re.shape[-1]
     dtype, device = inputs.dtype, inputs.device
-    blocks = _pad_to_multiple(inputs.permute(2, 0, 1), chunk)  # (H, B, C*T)
-    blocks = blocks.reshape(channels, -1, chunk)  # (H, B*C, T), rows ordered (batch, chunk)
+    blocks, num_chunks = _pad_to_multiple(inputs.permute(2, 0, 1), chunk)  # (H, B, C*T)
+    blocks = blocks.reshape(channels, batch * num_chunks, chunk)  # rows ordered (batch, chunk)
     offsets = torch.arange(chunk, device=device, dtype=dtype)
     power_re, power_im = real_powers(log_re, log_im, offsets)  # ā^t, (H, N, T)
 
@@ -126,20 +132,21 @@ def real_causal_convolution(inputs, log_re, log_im, weight_re, weight_im, chunk:
     outputs = blocks @ toeplitz  # in-chunk part, (H, B*C, T)
 
     # chunk-end states Σ_j ā^{T-1-j} u_j, then the recurrence over chunks, per (channel, mode)
-    local_re = (blocks @ power_re.flip(-1).transpose(1, 2)).reshape(channels, batch, -1, num_modes)
-    local_im = (blocks @ power_im.flip(-1).transpose(1, 2)).reshape(channels, batch, -1, num_modes)
-    local_re = local_re.permute(0, 3, 1, 2).reshape(channels * num_modes, batch, -1)  # (H*N, B, C)
-    local_im = local_im.permute(0, 3, 1, 2).reshape(channels * num_modes, batch, -1)
+    local_re = (blocks @ power_re.flip(-1).transpose(1, 2)).reshape(channels, batch, num_chunks, num_modes)
+    local_im = (blocks @ power_im.flip(-1).transpose(1, 2)).reshape(channels, batch, num_chunks, num_modes)
+    local_re = local_re.permute(0, 3, 1, 2).reshape(channels * num_modes, batch, num_chunks)  # (H*N, B, C)
+    local_im = local_im.permute(0, 3, 1, 2).reshape(channels * num_modes, batch, num_chunks)
     end_re, end_im = diagonal_scan(local_re, local_im, (log_re * chunk).reshape(-1), (log_im * chunk).reshape(-1))
     # the state entering chunk c is the state at the end of chunk c-1
-    enter_re = nn.functional.pad(end_re, (1, 0))[..., :-1].reshape(channels, num_modes, -1).transpose(1, 2)
-    enter_im = nn.functional.pad(end_im, (1, 0))[..., :-1].reshape(channels, num_modes, -1).transpose(1, 2)
+    rows = batch * num_chunks
+    enter_re = nn.functional.pad(end_re, (1, 0))[..., :num_chunks].reshape(channels, num_modes, rows).transpose(1, 2)
+    enter_im = nn.functional.pad(end_im, (1, 0))[..., :num_chunks].reshape(channels, num_modes, rows).transpose(1, 2)
     # readout Re Σ_n W_n ā_n^{t+1} S_n:  R = W ā^{t+1}
     step_re, step_im = real_powers(log_re, log_im, offsets + 1)
     readout_re = weight_re.unsqueeze(-1) * step_re - weight_im.unsqueeze(-1) * step_im  # (H, N, T)
     readout_im = weight_re.unsqueeze(-1) * step_im + weight_im.unsqueeze(-1) * step_re
     outputs = outputs + enter_re @ readout_re - enter_im @ readout_im  # (H, B*C, T)
-    return outputs.reshape(channels, batch, -1)[..., :length].permute(1, 2, 0)
+    return outputs.reshape(channels, batch, num_chunks * chunk)[..., :length].permute(1, 2, 0)
 
 
 class RealSequenceKernel(nn.Module):
