@@ -21,9 +21,12 @@ Not part of the remote code of checkpoints: only `s4bt_hf.export` imports it.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch
 from torch import nn
+
+from .exporter import GRAPH_FILES, _dtype_name
 
 # scan of the chunk-end states: blocks of SCAN_BLOCK chunks, SCAN_LEVELS levels, then one dense
 # lower-triangular matrix over what remains (L / (T · SCAN_BLOCK^SCAN_LEVELS) entries: 2 at
@@ -274,8 +277,8 @@ class WholeSequenceModule(nn.Module):
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else (
                 type(attention_mask).__name__)
             raise ValueError(f"`attention_mask` must have shape {tuple(inputs.shape[:2])} (batch, length), got {got}.")
-        if attention_mask.is_complex() or attention_mask.is_floating_point():
-            raise TypeError(f"`attention_mask` must hold integer (or bool) 0/1 values, got {attention_mask.dtype}.")
+        if attention_mask.is_complex():
+            raise TypeError(f"`attention_mask` must hold real 0/1 values, got {attention_mask.dtype}.")
         if not self.check_input_values or torch.compiler.is_compiling() or not inputs.numel():
             return
         if self.uses_tokens:
@@ -323,3 +326,132 @@ def check_mask_values(attention_mask) -> None:
         raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (valid position).")
     if not every_row_valid:
         raise ValueError("Every sequence needs at least one valid position in `attention_mask`.")
+
+
+# ---------------------------------------------------------------------------------------- export
+TRACE_LENGTH = 40  # any length traces the same graph (see `_pad_to_multiple`)
+CHECK_LENGTHS = (1, 37, 300)  # lengths compared against eager right after export, batch 2 (one row padded)
+CHECK_TOLERANCE = 1e-3  # relative to the largest eager output; the export is refused beyond it
+
+
+def output_name(module: WholeSequenceModule) -> str:
+    return "logits" if module.is_classifier else "last_hidden_state"
+
+
+def whole_sequence_program(module: WholeSequenceModule):
+    """`torch.export` program of `module` with a dynamic batch and length (>= 1 each). Guards that
+    the tracer cannot prove symbolically (true for every length) become runtime assertions rather
+    than a specialisation to the traced length."""
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    return torch.export.export(
+        module, module.example_inputs(2, TRACE_LENGTH), dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+        prefer_deferred_runtime_asserts_over_guards=True,
+    )
+
+
+def export_whole_sequence_onnx(module: WholeSequenceModule, path: str) -> int:
+    """Write the ONNX graph (inputs, attention_mask) -> output; returns its opset."""
+    program = torch.onnx.export(
+        whole_sequence_program(module), dynamo=True, input_names=["inputs", "attention_mask"],
+        output_names=[output_name(module)], verbose=False,
+    )
+    program.save(path)
+    return max(int(entry.version) for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def describe_whole_sequence(model, module: WholeSequenceModule, format: str, opset) -> dict:
+    """The export.json description of a whole-sequence graph."""
+    config = model.config
+    inputs = [
+        {"name": "inputs", "shape": ["batch", "length"] + ([] if module.uses_tokens else [module.input_dim]),
+         "dtype": _dtype_name(module.input_dtype),
+         "meaning": "token ids of every position" if module.uses_tokens else "input values of every position"},
+        {"name": "attention_mask", "shape": ["batch", "length"], "dtype": "int64",
+         "meaning": "1 for a valid position, 0 for padding; every sequence needs one valid position"},
+    ]
+    if module.is_classifier:
+        output = {"name": "logits", "shape": ["batch", config.num_labels],
+                  "meaning": f"logits of the whole sequence ({config.pooling} pooling over the valid positions)"}
+    else:
+        output = {"name": "last_hidden_state", "shape": ["batch", "length", config.d_model],
+                  "meaning": "hidden state at every position (padded positions: not meaningful)"}
+    output["dtype"] = _dtype_name(module.output_dtype)
+    versions = {"torch": torch.__version__}
+    if format == "onnx":
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            versions[name] = importlib.import_module(name).__version__
+    return {
+        "format": format,
+        "mode": "whole_sequence",
+        "graph": GRAPH_FILES[format],
+        "int8_graph": None,
+        "int8_scope": None,
+        "opset": opset,
+        "call": "(inputs, attention_mask) -> output; any batch size and length (>= 1)",
+        "inputs": inputs,
+        "outputs": [output],
+        "model": {
+            "class": type(model).__name__,
+            "d_model": config.d_model,
+            "n_layers": config.n_layers,
+            "d_state": [block.kernel.log_a_re.shape[-1] for block in module.blocks],
+            "bidirectional": bool(config.bidirectional),
+            "input": "input_ids" if module.uses_tokens else "input_values",
+            "vocab_size": config.vocab_size if module.uses_tokens else None,
+            "pooling": config.pooling if module.is_classifier else None,
+            "num_labels": config.num_labels if module.is_classifier else None,
+            "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
+            "compressed": model.compression_report is not None,
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "chunk": [block.kernel.chunk for block in module.blocks],
+        "versions": versions,
+    }
+
+
+def check_against_eager(model, module: WholeSequenceModule, folder: str, description: dict) -> dict:
+    """Run the exported graph through `load_exported`'s runner next to the eager model at
+    CHECK_LENGTHS (batch 2, the second sequence padded over its last third); refuse the export if
+    the relative error exceeds CHECK_TOLERANCE."""
+    from .loader import ExportedWholeSequenceModel
+
+    runner = ExportedWholeSequenceModel(folder, description, description["graph"], trust_pickle=True)
+    generator = torch.Generator().manual_seed(0)
+    key = "input_ids" if module.uses_tokens else "input_values"
+    worst, largest = 0.0, 0.0
+    for length in CHECK_LENGTHS:
+        if module.uses_tokens:
+            inputs = torch.randint(0, model.config.vocab_size, (2, length), generator=generator)
+        else:
+            inputs = torch.randn(2, length, module.input_dim, generator=generator, dtype=module.input_dtype)
+        mask = torch.ones(2, length, dtype=torch.int64)
+        mask[1, length - length // 3:] = 0
+        with torch.no_grad():
+            outputs = model(**{key: inputs}, attention_mask=mask)
+        expected = outputs.logits if module.is_classifier else outputs.last_hidden_state[mask.bool()]
+        exported = runner(inputs, mask)
+        exported = exported if module.is_classifier else exported[mask.bool()]
+        worst = max(worst, float((exported.to(expected.dtype) - expected).abs().max()))
+        largest = max(largest, float(expected.abs().max()))
+    result = {"lengths": list(CHECK_LENGTHS), "batch": 2, "max_abs_error": worst, "max_abs_output": largest}
+    if not worst <= CHECK_TOLERANCE * max(largest, 1e-30):
+        raise ValueError(f"The exported whole-sequence graph disagrees with the eager model: max abs error {worst:.3g} "
+                         f"for outputs up to {largest:.3g} (tolerance {CHECK_TOLERANCE:g} relative); nothing was "
+                         "written.")
+    return result
+
+
+def card_section(description: dict) -> str:
+    """The model card's section on the exported graph."""
+    rows = "\n".join(f"| `{entry['name']}` | {tuple(entry['shape'])} | {entry['dtype']} | {entry['meaning']} |"
+                     for entry in description["inputs"] + description["outputs"])
+    check = description["check"]
+    return (
+        "\n## Exported whole-sequence forward\n\n"
+        f"`{description['graph']}` ({description['format']}) runs the model on whole sequences: "
+        f"`{description['call']}`. Real arithmetic only (no complex tensors); the SSM convolution is a chunked "
+        "recurrence, so any length runs in one graph.\n\n"
+        "| tensor | shape | dtype | meaning |\n|---|---|---|---|\n" + rows + "\n\n"
+        f"Checked against the eager model at lengths {check['lengths']}: max abs error {check['max_abs_error']:.2e}. "
+        "Full description: `export.json`.\n"
+    )
