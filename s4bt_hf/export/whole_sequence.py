@@ -29,8 +29,8 @@ from torch import nn
 from .exporter import GRAPH_FILES, _dtype_name
 
 # scan of the chunk-end states: blocks of SCAN_BLOCK chunks, SCAN_LEVELS levels, then one dense
-# lower-triangular matrix over what remains (L / (T · SCAN_BLOCK^SCAN_LEVELS) entries: 2 at
-# L = 16384 with T = 32, 128 at L = 2^20), so the cost stays O(L) for any length a graph gets
+# lower-triangular matrix over what remains (about L / (T · SCAN_BLOCK^SCAN_LEVELS) + 2 steps: 4 at
+# L = 16384 with T = 32, 130 at L = 2^20), so the cost stays O(L) for any length a graph gets
 SCAN_BLOCK = 16
 SCAN_LEVELS = 2
 MIN_CHUNK = 32
