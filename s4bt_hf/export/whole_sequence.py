@@ -29,10 +29,12 @@ from torch import nn
 from .exporter import GRAPH_FILES, _dtype_name
 
 # scan of the chunk-end states: blocks of SCAN_BLOCK chunks, SCAN_LEVELS levels, then one dense
-# lower-triangular matrix over what remains (about L / (T · SCAN_BLOCK^SCAN_LEVELS) + 2 steps: 4 at
-# L = 16384 with T = 32, 130 at L = 2^20), so the cost stays O(L) for any length a graph gets
-SCAN_BLOCK = 16
-SCAN_LEVELS = 2
+# lower-triangular matrix over what remains (about L / (T · SCAN_BLOCK^SCAN_LEVELS) + 2 steps: 2 at
+# L = 16384 with T = 32, 34 at L = 2^20), so the cost stays O(L) for any length a graph gets.
+# Small blocks waste the least padding on short sequences: 4 x 5 levels ran 1.3-1.7x faster than
+# 16 x 2 on a 128-channel, N = 64 layer at L = 784 and 4096 (2 CPU threads), 1.2x at 16384.
+SCAN_BLOCK = 4
+SCAN_LEVELS = 5
 MIN_CHUNK = 32
 
 
