@@ -11,7 +11,13 @@ import torch
 
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, S4DSSModel
 from s4bt_hf.cli import main as cli_main
-from s4bt_hf.export import ExportedWholeSequenceModel, ExportFolderError, export_model, load_exported
+from s4bt_hf.export import (
+    ExportedStreamingModel,
+    ExportedWholeSequenceModel,
+    ExportFolderError,
+    export_model,
+    load_exported,
+)
 from s4bt_hf.export.description import validate_description
 from s4bt_hf.export.whole_sequence import WholeSequenceModule, diagonal_scan, real_causal_convolution
 
@@ -280,6 +286,11 @@ def test_runner_checks_its_inputs_before_the_runtime(onnx_exports):
     torch.testing.assert_close(values(good[:, :3], mask), values(good[:, :3], mask.bool()))  # bool masks too
     torch.testing.assert_close(values(good[:, :3].numpy(), mask.numpy()), values(good[:, :3], mask))
     assert isinstance(values(np.zeros((1, 4, 2), dtype=np.float32)), torch.Tensor)
+    with pytest.raises(ValueError, match="no int8 version"):
+        load_exported(folder / "classifier", int8=True)
+    description = json.loads((folder / "classifier" / "export.json").read_text())
+    with pytest.raises(ValueError, match="describes a whole_sequence graph, not a streaming one"):
+        ExportedStreamingModel(folder / "classifier", description, "model.onnx")
 
 
 # ------------------------------------------------------------------ torch.export and the CLI

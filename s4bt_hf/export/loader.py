@@ -40,9 +40,10 @@ class ExportedGraph:
             raise TypeError(f"`trust_pickle` must be a bool, got {type(trust_pickle).__name__}.")
         folder = os.fspath(folder)
         validate_description(description, os.path.join(folder, DESCRIPTION_FILE))
-        if description.get("mode", "streaming") != self.mode:
-            raise ValueError(f"{os.path.join(folder, DESCRIPTION_FILE)} describes a {description.get('mode')} graph, "
-                             f"not a {self.mode} one: open it with `load_exported(folder)`.")
+        mode = description.get("mode", "streaming")
+        if mode != self.mode:
+            raise ValueError(f"{os.path.join(folder, DESCRIPTION_FILE)} describes a {mode} graph, not a {self.mode} "
+                             "one: open it with `load_exported(folder)`.")
         if graph not in (description["graph"], description["int8_graph"]) or graph is None:
             raise ValueError(f"`graph` must be a graph named in {DESCRIPTION_FILE} ({description['graph']}"
                              + (f" or {description['int8_graph']}" if description["int8_graph"] else "")
@@ -76,7 +77,6 @@ class ExportedGraph:
         else:
             data = read_verified_graph(folder, description, graph)
             self._program = torch.export.load(io.BytesIO(data)).module()
-
 
 
 class ExportedStreamingModel(ExportedGraph):
@@ -225,6 +225,9 @@ def load_exported(folder, *, int8: bool = False, trust_pickle: bool = False):
     folder = os.fspath(folder)
     description = read_description(folder)
     graph = description["int8_graph"] if int8 else description["graph"]
+    if graph is None and description.get("mode") == "whole_sequence":
+        raise ValueError(f"{folder} holds a whole-sequence graph, which has no int8 version (int8 is offered for the "
+                         "streaming step only).")
     if graph is None:
         raise ValueError(f"{folder} holds no int8 graph: export with `int8=True` (`--int8`).")
     runner = ExportedWholeSequenceModel if description.get("mode") == "whole_sequence" else ExportedStreamingModel
