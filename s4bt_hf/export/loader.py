@@ -34,6 +34,7 @@ class ExportedGraph:
 
     mode = None  # the export.json `mode` this runner runs
     intra_op_threads = 1  # onnxruntime threads per call (0: its default, every core)
+    ort_log_severity = 2  # onnxruntime's default: warnings and above
 
     def __init__(self, folder: str, description: dict, graph: str, *, trust_pickle: bool = False):
         if not isinstance(trust_pickle, bool):
@@ -66,6 +67,7 @@ class ExportedGraph:
             data = read_verified_graph(folder, description, graph)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = self.intra_op_threads
+            options.log_severity_level = self.ort_log_severity
             self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         elif format == "executorch":
             require_export_dependencies(("executorch",), "Running an ExecuTorch program", EXECUTORCH_EXTRA)
@@ -170,6 +172,8 @@ class ExportedWholeSequenceModel(ExportedGraph):
 
     mode = "whole_sequence"
     intra_op_threads = 0  # whole sequences: onnxruntime's default (every core)
+    # errors only: at load, onnxruntime warns about each CastLike node its constant folding skips
+    ort_log_severity = 3
 
     def _inputs(self, inputs, attention_mask):
         inputs = torch.as_tensor(inputs)

@@ -352,10 +352,14 @@ def whole_sequence_program(module: WholeSequenceModule):
 
 
 def export_whole_sequence_onnx(module: WholeSequenceModule, path: str) -> int:
-    """Write the ONNX graph (inputs, attention_mask) -> output; returns its opset."""
+    """Write the ONNX graph (inputs, attention_mask) -> output; returns its opset.
+
+    Without the exporter's optimiser: it folds the power tables computed from the modes into
+    initializers, which made the file 4.7x larger (7.7 MB against 1.7 MB for a 128-channel, N = 64
+    layer) for no speed gain, since onnxruntime folds the same constants when it loads the graph."""
     program = torch.onnx.export(
         whole_sequence_program(module), dynamo=True, input_names=["inputs", "attention_mask"],
-        output_names=[output_name(module)], verbose=False,
+        output_names=[output_name(module)], optimize=False, verbose=False,
     )
     program.save(path)
     return max(int(entry.version) for entry in program.model_proto.opset_import if entry.domain in ("", "ai.onnx"))
