@@ -19,7 +19,7 @@ from s4bt_hf.export import (
     load_exported,
 )
 from s4bt_hf.export.description import validate_description
-from s4bt_hf.export.whole_sequence import WholeSequenceModule, diagonal_scan, real_causal_convolution
+from s4bt_hf.export.whole_sequence import FOLD_LIMIT, WholeSequenceModule, diagonal_scan, real_causal_convolution
 
 onnx = pytest.importorskip("onnx")
 
@@ -194,7 +194,7 @@ def test_onnx_padded_positions_never_change_valid_outputs(onnx_exports):
 
 
 def test_onnx_graph_has_dynamic_batch_and_length_and_no_complex_type(onnx_exports):
-    folder, _, descriptions = onnx_exports
+    folder, models, descriptions = onnx_exports
     complex_types = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
     for name in ("classifier", "backbone"):
         graph = onnx.load(str(folder / name / "model.onnx")).graph
@@ -213,6 +213,9 @@ def test_onnx_graph_has_dynamic_batch_and_length_and_no_complex_type(onnx_export
             element_types |= {attribute.t.data_type for attribute in node.attribute if attribute.HasField("t")}
         assert element_types and not element_types & complex_types
         assert not {node.op_type for node in graph.node} & {"DFT", "STFT"}
+        # the power tables stay computations on the modes: no initializer beyond the largest parameter
+        largest = max(FOLD_LIMIT, *(p.numel() for p in models[name].parameters()))
+        assert max(int(np.prod(tensor.dims)) for tensor in graph.initializer) <= largest
         description = descriptions[name]
         assert json.loads((folder / name / "export.json").read_text()) == description
 
