@@ -5,6 +5,7 @@
     s4bt train    --task smnist --init-from runs/smnist-r16 --output runs/smnist-r16-retrained
     s4bt evaluate --model runs/smnist-r16-retrained/final --task smnist
     s4bt export   --model runs/smnist-r16-retrained/final --output exported/ [--format onnx|torch|executorch]
+                  [--whole-sequence]
 
 `train` also runs unchanged under `accelerate launch`. Every command refuses to overwrite an
 existing result and explains bad input in one line (exit status 2).
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export the streaming step for edge runtimes (ONNX, torch.export)",
                                  description="Export one streaming step (real tensors only, the state as explicit "
                                  "inputs and outputs) to a new folder: the graph, export.json describing inputs, "
-                                 "outputs and state shapes, and the model card. Needs a unidirectional model.")
+                                 "outputs and state shapes, and the model card. Needs a unidirectional model. "
+                                 "With --whole-sequence: the forward on whole sequences (dynamic batch and length).")
     export.add_argument("--model", required=True, help="folder of a saved S4-DSS model")
     export.add_argument("--output", required=True, help="new folder for the exported files")
     export.add_argument("--format", default="onnx", choices=("onnx", "torch", "executorch"),
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "executorch (a .pte lowered to XNNPACK, batch 1; needs the [executorch] extra)")
     export.add_argument("--int8", action="store_true",
                         help="also write model.int8.onnx: linear layers int8 (dynamic), SSM recurrence float32")
+    export.add_argument("--whole-sequence", action="store_true",
+                        help="export the forward on whole sequences instead: (inputs, attention_mask) -> output, "
+                        "any batch and length, bidirectional models too (--format onnx or torch)")
     return parser
 
 
@@ -604,12 +609,19 @@ def command_export(args) -> dict:
         raise CliError(f"{args.output} exists and is not empty; choose a new folder for the export")
     if args.int8 and args.format != "onnx":
         raise CliError("--int8 quantises with onnxruntime: it needs --format onnx")
+    if args.whole_sequence and (args.int8 or args.format == "executorch"):
+        raise CliError("--whole-sequence exports a dynamic-length graph: it needs --format onnx or torch, "
+                       "without --int8")
     _check_writable(args.output)
     model = load_model(args.model)
     try:
-        description = export_model(model, args.output, format=args.format, int8=args.int8)
+        description = export_model(model, args.output, format=args.format, int8=args.int8,
+                                   whole_sequence=args.whole_sequence)
     except (TypeError, ValueError, FileExistsError, ExportDependencyError) as error:
         raise CliError(str(error)) from error
+    if args.whole_sequence:
+        return {"output": args.output, "graph": description["graph"], "mode": description["mode"],
+                "check": description["check"], "file_bytes": description["file_bytes"]}
     return {"output": args.output, "graph": description["graph"], "int8_graph": description["int8_graph"],
             "state_bytes_per_sequence": description["state_bytes_per_sequence"], "check": description["check"],
             "file_bytes": description["file_bytes"]}

@@ -19,6 +19,7 @@ import warnings
 
 from .exporter import DESCRIPTION_FILE, EXPORT_FORMATS, GRAPH_FILES, INT8_FILE
 
+EXPORT_MODES = ("streaming", "whole_sequence")
 MAX_DESCRIPTION_BYTES = 8 * 2**20  # a description is a few kB per layer; anything larger is not ours
 TENSOR_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -38,7 +39,9 @@ def _is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _check_tensor_entries(description: dict, key: str, source: str, batch_first: str) -> None:
+def _check_tensor_entries(description: dict, key: str, source: str, batch_first: str, length: bool = False) -> None:
+    """Every entry of `key` names a tensor: shape [batch, sizes...], or with `length` (a
+    whole-sequence graph) [batch, "length" or a size, sizes...]."""
     entries = description[key]
     if not isinstance(entries, list) or not entries:
         raise _field_error(source, key, "a non-empty list of tensor entries", entries)
@@ -56,8 +59,10 @@ def _check_tensor_entries(description: dict, key: str, source: str, batch_first:
         if entry["dtype"] not in TENSOR_DTYPES:
             raise _field_error(source, f"{field}.dtype", f"one of {', '.join(TENSOR_DTYPES)}", entry["dtype"])
         shape = entry["shape"]
-        if not shape or not (shape[0] == "batch" or _is_int(shape[0], 1)) or not all(_is_int(n) for n in shape[1:]):
-            raise _field_error(source, f"{field}.shape", f"[{batch_first}, sizes...] of non-negative ints", shape)
+        sizes = [n for index, n in enumerate(shape[1:]) if not (length and index == 0 and n == "length")]
+        if not shape or not (shape[0] == "batch" or _is_int(shape[0], 1)) or not all(_is_int(n) for n in sizes):
+            wanted = f'[{batch_first}, "length" or a size, sizes...]' if length else f"[{batch_first}, sizes...]"
+            raise _field_error(source, f"{field}.shape", f"{wanted} of non-negative ints", shape)
 
 
 def _check_file_table(description: dict, key: str, source: str, value_ok, wanted: str, needed) -> None:
@@ -96,15 +101,32 @@ def validate_description(description, source: str) -> None:
     if description["graph"] != GRAPH_FILES[format]:
         raise _field_error(source, "graph", f"{GRAPH_FILES[format]!r} (the file of format {format!r})",
                            description["graph"])
+    mode = description.get("mode", "streaming")  # absent from folders exported before whole sequences
+    if mode not in EXPORT_MODES:
+        raise _field_error(source, "mode", f"one of {', '.join(EXPORT_MODES)}", mode)
+    whole_sequence = mode == "whole_sequence"
+    if whole_sequence and format not in ("onnx", "torch"):
+        raise _field_error(source, "format", "'onnx' or 'torch' (a whole-sequence graph)", format)
     int8_graph = description["int8_graph"]
-    if int8_graph is not None and (format != "onnx" or int8_graph != INT8_FILE):
-        raise _field_error(source, "int8_graph", f"null or {INT8_FILE!r} (ONNX only)", int8_graph)
+    if int8_graph is not None and (format != "onnx" or whole_sequence or int8_graph != INT8_FILE):
+        raise _field_error(source, "int8_graph", f"null or {INT8_FILE!r} (ONNX streaming step only)", int8_graph)
     batch_first = "1" if format == "executorch" else '"batch"'
-    _check_tensor_entries(description, "inputs", source, batch_first)
-    _check_tensor_entries(description, "outputs", source, batch_first)
+    _check_tensor_entries(description, "inputs", source, batch_first, whole_sequence)
+    _check_tensor_entries(description, "outputs", source, batch_first, whole_sequence)
     if description["inputs"][0]["name"] != "inputs":
         raise _field_error(source, "inputs[0].name", "'inputs' (the position's input comes first)",
                            description["inputs"][0]["name"])
+    if whole_sequence:
+        names = [entry["name"] for entry in description["inputs"]]
+        if names != ["inputs", "attention_mask"]:
+            raise _field_error(source, "inputs", "the entries 'inputs' and 'attention_mask' (a whole-sequence graph)",
+                               names)
+        for index, entry in enumerate(description["inputs"]):
+            if entry["shape"][:2] != ["batch", "length"]:
+                raise _field_error(source, f"inputs[{index}].shape", '["batch", "length", sizes...]', entry["shape"])
+        if len(description["outputs"]) != 1:
+            raise _field_error(source, "outputs", "one entry (a whole-sequence graph)",
+                               [entry["name"] for entry in description["outputs"]])
     graphs = [description["graph"]] + ([int8_graph] if int8_graph else [])
     _check_file_table(description, "file_bytes", source, _is_int, "a size in bytes", graphs)
     if "sha256" in description:

@@ -3,7 +3,9 @@
 ExecuTorch program lowered to XNNPACK (`.pte`).
 
 What is exported is `model.streaming_module()`: one position per call, real tensors only, the
-state passed in and returned explicitly (see `streaming_real.py`). The output folder holds
+state passed in and returned explicitly (see `streaming_real.py`). With `whole_sequence=True` it is
+the model's forward on whole sequences, `(inputs, attention_mask) -> output`, with a dynamic batch
+and length (see `whole_sequence.py`). The output folder holds
 
     model.onnx | .pt2 | .pte  the graph: (inputs, *states) -> (output, *new_states)
     model.int8.onnx           with `int8=True`: linear layers int8 (dynamic), SSM recurrence fp32
@@ -58,8 +60,9 @@ def require_export_dependencies(modules=ONNX_MODULES, what: str = "ONNX export",
         raise ExportDependencyError(f"{what} needs {', '.join(missing)}: install it with `{extra}`.")
 
 
-def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False) -> dict:
-    """Export the streaming step of an eval-mode, unidirectional S4-DSS model into a NEW folder.
+def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False, whole_sequence: bool = False) -> dict:
+    """Export the streaming step of an eval-mode, unidirectional S4-DSS model into a NEW folder
+    (or, with `whole_sequence=True`, its whole-sequence forward).
 
     Args:
         model: `S4DSSForSequenceClassification` or `S4DSSModel` (a compressed one works the same).
@@ -68,6 +71,10 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
             size) or `"executorch"` (`.pte` lowered to XNNPACK, batch 1; needs the executorch extra).
         int8: also write `model.int8.onnx` (ONNX only): dynamic int8 quantisation of the linear
             layers by onnxruntime; the SSM recurrence stays in float32.
+        whole_sequence: export `forward` on whole sequences instead (`format="onnx"` or `"torch"`):
+            `(inputs, attention_mask) -> logits` (classifier) or `last_hidden_state` (backbone), with
+            a dynamic batch and length, bidirectional models included, real arithmetic only (see
+            `whole_sequence.py`); checked against the eager model right after export.
     Returns: the description written to export.json.
     """
     from ..modeling_s4dss import S4DSSPreTrainedModel
@@ -80,13 +87,26 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
         raise TypeError(f"`int8` must be a bool, got {type(int8).__name__}.")
     if int8 and format != "onnx":
         raise ValueError("`int8=True` quantises with onnxruntime: it needs `format='onnx'`.")
+    if not isinstance(whole_sequence, bool):
+        raise TypeError(f"`whole_sequence` must be a bool, got {type(whole_sequence).__name__}.")
+    if whole_sequence and format == "executorch":
+        raise ValueError("`whole_sequence=True` exports with a dynamic length: it needs `format='onnx'` or "
+                         "`format='torch'` (the ExecuTorch export is the streaming step, batch 1).")
+    if whole_sequence and int8:
+        raise ValueError("`int8=True` quantises every MatMul, which in the whole-sequence graph includes the SSM "
+                         "convolution: it is only offered for the streaming step (`whole_sequence=False`).")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}.")
     output_dir = os.fspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise FileExistsError(f"`output_dir` {output_dir} already exists and is not an empty folder; nothing was "
                               "written. Choose a new folder.")
-    module = model.streaming_module()  # refuses bidirectional models and training mode
+    if whole_sequence:
+        from . import whole_sequence as sequence_export
+
+        module = sequence_export.WholeSequenceModule(model)  # refuses training mode
+    else:
+        module = model.streaming_module()  # refuses bidirectional models and training mode
     if format == "onnx":
         _check_onnx_dtypes(model)
         require_export_dependencies()
@@ -98,7 +118,11 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
         graph_path = os.path.join(staging, GRAPH_FILES[format])
         with _quiet_exporter():
             opset = None
-            if format == "onnx":
+            if whole_sequence and format == "onnx":
+                opset = sequence_export.export_whole_sequence_onnx(module, graph_path)
+            elif whole_sequence:
+                torch.export.save(sequence_export.whole_sequence_program(module), graph_path)
+            elif format == "onnx":
                 opset = _export_onnx(module, graph_path)
             elif format == "torch":
                 torch.export.save(_torch_export(module), graph_path)
@@ -106,12 +130,18 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False)
                 _export_executorch(module, graph_path)
             if int8:
                 _quantize_int8(graph_path, os.path.join(staging, INT8_FILE))
-        description = describe(model, module, format, int8, opset)
+        if whole_sequence:
+            description = sequence_export.describe_whole_sequence(model, module, format, opset)
+        else:
+            description = describe(model, module, format, int8, opset)
         # the graphs are complete: record what `load_exported` verifies, then check through that same path
         graphs = sorted(os.listdir(staging))
         description["file_bytes"] = {name: os.path.getsize(os.path.join(staging, name)) for name in graphs}
         description["sha256"] = {name: _sha256(os.path.join(staging, name)) for name in graphs}
-        description["check"] = _check_against_eager(model, module, staging, description)
+        if whole_sequence:
+            description["check"] = sequence_export.check_against_eager(model, module, staging, description)
+        else:
+            description["check"] = _check_against_eager(model, module, staging, description)
         _write_card_and_config(model, staging, description)
         with open(os.path.join(staging, DESCRIPTION_FILE), "w", encoding="utf-8") as handle:
             json.dump(description, handle, indent=2)
@@ -234,6 +264,7 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
             versions[name] = importlib.import_module(name).__version__
     return {
         "format": format,
+        "mode": "streaming",
         "graph": GRAPH_FILES[format],
         "int8_graph": INT8_FILE if int8 else None,
         "int8_scope": "linear layers (MatMul/Gemm) int8 dynamic; SSM recurrence float32" if int8 else None,
@@ -296,6 +327,12 @@ def _write_card_and_config(model, folder: str, description: dict) -> None:
 
     model.config.to_json_file(os.path.join(folder, "config.json"))
     card = render_model_card(model)
+    if description.get("mode") == "whole_sequence":
+        from .whole_sequence import card_section
+
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card + card_section(description))
+        return
     shapes = "\n".join(f"| `{entry['name']}` | {tuple(entry['shape'])} | {entry['dtype']} | {entry['meaning']} |"
                        for entry in description["inputs"])
     card += (

@@ -18,6 +18,7 @@ import torch
 
 from .description import DESCRIPTION_FILE, read_description, read_verified_graph, validate_description
 from .exporter import EXECUTORCH_EXTRA, require_export_dependencies
+from .whole_sequence import check_mask_values
 
 PICKLE_REFUSED = (
     "{graph} is a torch.export program: `torch.export.load` unpickles parts of it, which can run arbitrary code "
@@ -26,23 +27,24 @@ PICKLE_REFUSED = (
 )
 
 
-class ExportedStreamingModel:
-    """An exported folder, run from Python: onnxruntime for `.onnx`, `torch.export.load` for `.pt2`
-    (only with `trust_pickle=True`), the ExecuTorch runtime for `.pte`. The description is validated
-    and the graph verified before it is loaded; every input (token ids: their range too) is checked
-    against export.json before it reaches the runtime.
+class ExportedGraph:
+    """An exported graph loaded into its runtime: onnxruntime for `.onnx`, `torch.export.load` for
+    `.pt2` (only with `trust_pickle=True`), the ExecuTorch runtime for `.pte`. The description is
+    validated and the graph verified before it is loaded."""
 
-        runner = load_exported("exported/")            # or load_exported(folder, int8=True)
-        state = runner.initial_state(batch_size=1)
-        for x_t in sequence:
-            output, state = runner.step(x_t, state)
-    """
+    mode = None  # the export.json `mode` this runner runs
+    intra_op_threads = 1  # onnxruntime threads per call (0: its default, every core)
+    ort_log_severity = 2  # onnxruntime's default: warnings and above
 
     def __init__(self, folder: str, description: dict, graph: str, *, trust_pickle: bool = False):
         if not isinstance(trust_pickle, bool):
             raise TypeError(f"`trust_pickle` must be a bool, got {type(trust_pickle).__name__}.")
         folder = os.fspath(folder)
         validate_description(description, os.path.join(folder, DESCRIPTION_FILE))
+        mode = description.get("mode", "streaming")
+        if mode != self.mode:
+            raise ValueError(f"{os.path.join(folder, DESCRIPTION_FILE)} describes a {mode} graph, not a {self.mode} "
+                             "one: open it with `load_exported(folder)`.")
         if graph not in (description["graph"], description["int8_graph"]) or graph is None:
             raise ValueError(f"`graph` must be a graph named in {DESCRIPTION_FILE} ({description['graph']}"
                              + (f" or {description['int8_graph']}" if description["int8_graph"] else "")
@@ -64,7 +66,8 @@ class ExportedStreamingModel:
 
             data = read_verified_graph(folder, description, graph)
             options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 1  # one position per call: threads only add overhead
+            options.intra_op_num_threads = self.intra_op_threads
+            options.log_severity_level = self.ort_log_severity
             self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         elif format == "executorch":
             require_export_dependencies(("executorch",), "Running an ExecuTorch program", EXECUTORCH_EXTRA)
@@ -76,6 +79,20 @@ class ExportedStreamingModel:
         else:
             data = read_verified_graph(folder, description, graph)
             self._program = torch.export.load(io.BytesIO(data)).module()
+
+
+class ExportedStreamingModel(ExportedGraph):
+    """An exported streaming step, run from Python (see `ExportedGraph`); every input (token ids:
+    their range too) is checked against export.json before it reaches the runtime.
+
+        runner = load_exported("exported/")            # or load_exported(folder, int8=True)
+        state = runner.initial_state(batch_size=1)
+        for x_t in sequence:
+            output, state = runner.step(x_t, state)
+    """
+
+    mode = "streaming"
+    intra_op_threads = 1  # one position per call: threads only add overhead
 
     def initial_state(self, batch_size: int) -> list:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -141,8 +158,62 @@ class ExportedStreamingModel:
         return torch.stack(outputs)
 
 
-def load_exported(folder, *, int8: bool = False, trust_pickle: bool = False) -> ExportedStreamingModel:
-    """Open a folder written by `export_model` (its int8 graph with `int8=True`).
+class ExportedWholeSequenceModel(ExportedGraph):
+    """An exported whole-sequence forward (`export_model(..., whole_sequence=True)`), run from Python:
+
+        runner = load_exported("exported/")
+        logits = runner(input_ids, attention_mask)      # or runner(input_values, attention_mask)
+
+    `inputs` (batch, length) token ids or (batch, length, input_dim) values, any batch and length;
+    `attention_mask` (batch, length) of 0/1 (default: all valid). Both are checked against
+    export.json (shapes, dtypes, token ids in the vocabulary, mask values) before the runtime sees
+    them. Returns the output as a torch tensor.
+    """
+
+    mode = "whole_sequence"
+    intra_op_threads = 0  # whole sequences: onnxruntime's default (every core)
+    # errors only: at load, onnxruntime warns about each CastLike node its constant folding skips
+    ort_log_severity = 3
+
+    def _inputs(self, inputs, attention_mask):
+        inputs = torch.as_tensor(inputs)
+        entry = self.inputs[0]
+        rank = len(entry["shape"])
+        wanted_dtype = getattr(torch, entry["dtype"])
+        if inputs.dim() != rank or tuple(inputs.shape[2:]) != tuple(entry["shape"][2:]) or inputs.dtype != wanted_dtype:
+            shape = ("batch", "length", *entry["shape"][2:])
+            raise ValueError(f"`inputs` must be {entry['dtype']} of shape {shape} ({entry['meaning']}; see "
+                             f"{DESCRIPTION_FILE}), got {str(inputs.dtype).removeprefix('torch.')} of shape "
+                             f"{tuple(inputs.shape)}.")
+        if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+            raise ValueError(f"`inputs` needs at least one sequence and one position, got shape {tuple(inputs.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs.shape[:2], dtype=torch.int64)
+        attention_mask = torch.as_tensor(attention_mask)
+        if tuple(attention_mask.shape) != tuple(inputs.shape[:2]) or attention_mask.is_complex():
+            raise ValueError(f"`attention_mask` must be a real 0/1 tensor of shape {tuple(inputs.shape[:2])} (batch, "
+                             f"length), got {str(attention_mask.dtype).removeprefix('torch.')} of shape "
+                             f"{tuple(attention_mask.shape)}.")
+        check_mask_values(attention_mask)
+        if self.vocab_size is not None:
+            low, high = int(inputs.min()), int(inputs.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"`inputs` holds token ids outside the vocabulary [0, {self.vocab_size}) "
+                                 f"(model.vocab_size in {DESCRIPTION_FILE}): min {low}, max {high}.")
+        return inputs, attention_mask.to(torch.int64)
+
+    def __call__(self, inputs, attention_mask=None) -> torch.Tensor:
+        inputs, attention_mask = self._inputs(inputs, attention_mask)
+        if self.session is not None:
+            output = self.session.run(None, {"inputs": inputs.numpy(), "attention_mask": attention_mask.numpy()})[0]
+            return torch.from_numpy(output)
+        with torch.no_grad():
+            return self._program(inputs, attention_mask)
+
+
+def load_exported(folder, *, int8: bool = False, trust_pickle: bool = False):
+    """Open a folder written by `export_model` (its int8 graph with `int8=True`): an
+    `ExportedStreamingModel`, or an `ExportedWholeSequenceModel` for a `whole_sequence=True` export.
 
     export.json is validated first (one `ExportFolderError` naming the file and the field), then the
     graph is checked to be a plain file of the folder with the size and SHA-256 recorded at export.
@@ -158,6 +229,10 @@ def load_exported(folder, *, int8: bool = False, trust_pickle: bool = False) -> 
     folder = os.fspath(folder)
     description = read_description(folder)
     graph = description["int8_graph"] if int8 else description["graph"]
+    if graph is None and description.get("mode") == "whole_sequence":
+        raise ValueError(f"{folder} holds a whole-sequence graph, which has no int8 version (int8 is offered for the "
+                         "streaming step only).")
     if graph is None:
         raise ValueError(f"{folder} holds no int8 graph: export with `int8=True` (`--int8`).")
-    return ExportedStreamingModel(folder, description, graph, trust_pickle=trust_pickle)
+    runner = ExportedWholeSequenceModel if description.get("mode") == "whole_sequence" else ExportedStreamingModel
+    return runner(folder, description, graph, trust_pickle=trust_pickle)
