@@ -64,8 +64,17 @@ def test_train_evaluate_compress_export_on_a_parquet_file(tmp_path, capsys, seri
     assert code == 0, err
     report = json.loads((tmp_path / "small" / "compression_report.json").read_text())
     assert report["layers"][0]["refit"] is not None
-    code, _, err = run(capsys, "export", "--model", str(tmp_path / "small"), "--output", str(tmp_path / "onnx"))
+    code, out, err = run(capsys, "export", "--model", str(tmp_path / "small"), "--output", str(tmp_path / "onnx"))
     assert code == 0, err
+    # the exported folder records the normalisation (the graph does not apply it)
+    saved = ["feature_extraction_s4dss.py", "preprocessor_config.json"]  # its remote code too
+    assert json.loads(out.strip().splitlines()[-1])["preprocessor"] == saved
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["preprocessor"] == saved
+    assert AutoFeatureExtractor.from_pretrained(tmp_path / "onnx").mean == extractor.mean
+    assert "## Preprocessing" in (tmp_path / "onnx" / "README.md").read_text()
+    from s4bt_hf.export import load_exported
+
+    load_exported(tmp_path / "onnx")  # the extra files do not disturb the folder's checks
     code, out, err = run(capsys, "train", *data, "--init-from", str(tmp_path / "small"), "--output",
                          str(tmp_path / "retrained"), "--max-steps", "2", *TINY_MODEL)
     assert code == 0, err

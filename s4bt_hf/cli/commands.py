@@ -512,6 +512,9 @@ def command_compress(args) -> dict:
     try:  # written completely, then renamed into place: a failure leaves no half-written model
         with staged_folder(args.output) as staging:
             compressed.save_pretrained(staging)
+            preprocessor = _saved_preprocessor(args.model)  # the inputs are prepared as for the original
+            if preprocessor is not None:
+                preprocessor.save_pretrained(staging)
     except Exception as error:
         failure = as_write_error(error)
         if failure is None:
@@ -602,6 +605,23 @@ def command_evaluate(args) -> dict:
     return metrics
 
 
+def _saved_preprocessor(folder: str):
+    """The feature extractor or tokenizer saved beside a model (`s4bt train` on user data writes
+    one), or None."""
+    try:
+        if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            from transformers import AutoFeatureExtractor
+
+            return AutoFeatureExtractor.from_pretrained(folder)
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read the preprocessor saved in {folder}: {error}") from error
+    return None
+
+
 def command_export(args) -> dict:
     from ..export import ExportDependencyError, export_model
 
@@ -616,15 +636,16 @@ def command_export(args) -> dict:
     model = load_model(args.model)
     try:
         description = export_model(model, args.output, format=args.format, int8=args.int8,
-                                   whole_sequence=args.whole_sequence)
+                                   whole_sequence=args.whole_sequence, preprocessor=_saved_preprocessor(args.model))
     except (TypeError, ValueError, FileExistsError, ExportDependencyError) as error:
         raise CliError(str(error)) from error
+    preprocessor = {"preprocessor": description.get("preprocessor")}
     if args.whole_sequence:
         return {"output": args.output, "graph": description["graph"], "mode": description["mode"],
-                "check": description["check"], "file_bytes": description["file_bytes"]}
+                "check": description["check"], "file_bytes": description["file_bytes"], **preprocessor}
     return {"output": args.output, "graph": description["graph"], "int8_graph": description["int8_graph"],
             "state_bytes_per_sequence": description["state_bytes_per_sequence"], "check": description["check"],
-            "file_bytes": description["file_bytes"]}
+            "file_bytes": description["file_bytes"], **preprocessor}
 
 
 def command_reproduce(args) -> dict:

@@ -60,7 +60,8 @@ def require_export_dependencies(modules=ONNX_MODULES, what: str = "ONNX export",
         raise ExportDependencyError(f"{what} needs {', '.join(missing)}: install it with `{extra}`.")
 
 
-def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False, whole_sequence: bool = False) -> dict:
+def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False, whole_sequence: bool = False,
+                 preprocessor=None) -> dict:
     """Export the streaming step of an eval-mode, unidirectional S4-DSS model into a NEW folder
     (or, with `whole_sequence=True`, its whole-sequence forward).
 
@@ -75,6 +76,10 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False,
             `(inputs, attention_mask) -> logits` (classifier) or `last_hidden_state` (backbone), with
             a dynamic batch and length, bidirectional models included, real arithmetic only (see
             `whole_sequence.py`); checked against the eager model right after export.
+        preprocessor: what prepared the model's inputs in training (an `S4DSSFeatureExtractor` or a
+            tokenizer; anything with `save_pretrained`): saved beside the graph (its files are listed
+            in export.json under `preprocessor`). The graph does NOT apply it: normalise (or tokenize)
+            inputs with it before calling the graph.
     Returns: the description written to export.json.
     """
     from ..modeling_s4dss import S4DSSPreTrainedModel
@@ -95,6 +100,9 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False,
     if whole_sequence and int8:
         raise ValueError("`int8=True` quantises every MatMul, which in the whole-sequence graph includes the SSM "
                          "convolution: it is only offered for the streaming step (`whole_sequence=False`).")
+    if preprocessor is not None and not callable(getattr(preprocessor, "save_pretrained", None)):
+        raise TypeError(f"`preprocessor` must have `save_pretrained` (a feature extractor or a tokenizer), got "
+                        f"{type(preprocessor).__name__}.")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"`output_dir` must be a path, got {type(output_dir).__name__}.")
     output_dir = os.fspath(output_dir)
@@ -142,6 +150,10 @@ def export_model(model, output_dir, *, format: str = "onnx", int8: bool = False,
             description["check"] = sequence_export.check_against_eager(model, module, staging, description)
         else:
             description["check"] = _check_against_eager(model, module, staging, description)
+        if preprocessor is not None:  # recorded beside the graph, not applied by it
+            before = set(os.listdir(staging))
+            preprocessor.save_pretrained(staging)
+            description["preprocessor"] = sorted(set(os.listdir(staging)) - before)
         _write_card_and_config(model, staging, description)
         with open(os.path.join(staging, DESCRIPTION_FILE), "w", encoding="utf-8") as handle:
             json.dump(description, handle, indent=2)
@@ -327,6 +339,10 @@ def _write_card_and_config(model, folder: str, description: dict) -> None:
 
     model.config.to_json_file(os.path.join(folder, "config.json"))
     card = render_model_card(model)
+    if description.get("preprocessor"):
+        card += ("\n## Preprocessing\n\nThe graph takes inputs as the model was trained on them: prepare them "
+                 f"with the preprocessor saved here ({', '.join(f'`{name}`' for name in description['preprocessor'])};"
+                 " `AutoFeatureExtractor` / `AutoTokenizer.from_pretrained(folder)`). The graph does not apply it.\n")
     if description.get("mode") == "whole_sequence":
         from .whole_sequence import card_section
 
