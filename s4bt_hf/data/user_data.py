@@ -106,7 +106,7 @@ class UserData:
     def sources(self) -> dict[str, str]:
         """Split -> the file (or folder) it comes from, as error messages name it."""
         if self.dataset is not None:
-            return {split: self.dataset for split in SPLITS}
+            return {split: f"{self.dataset} ({split} split)" for split in SPLITS}
         files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         return {split: path for split, path in files.items() if path is not None}
 
