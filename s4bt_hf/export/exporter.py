@@ -285,22 +285,29 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
                 + (" (1 in this static ExecuTorch program)" if format == "executorch" else ""),
         "inputs": [input_entry, *states],
         "outputs": outputs,
-        "model": {
-            "class": type(model).__name__,
-            "d_model": config.d_model,
-            "n_layers": config.n_layers,
-            "d_state": list(module.d_states),
-            "input": "input_ids" if module.uses_tokens else "input_values",
-            "vocab_size": config.vocab_size if module.uses_tokens else None,
-            "pooling": config.pooling if module.is_classifier else None,
-            "num_labels": config.num_labels if module.is_classifier else None,
-            "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
-            "compressed": model.compression_report is not None,
-        },
+        "model": model_description(model, module, list(module.d_states)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "state_elements_per_sequence": state_elements,
         "state_bytes_per_sequence": state_bytes,
         "versions": versions,
+    }
+
+
+def model_description(model, module, d_states: list, **extra) -> dict:
+    """export.json's `model` entry: what was exported (either mode)."""
+    config = model.config
+    return {
+        "class": type(model).__name__,
+        "d_model": config.d_model,
+        "n_layers": config.n_layers,
+        "d_state": d_states,
+        **extra,
+        "input": "input_ids" if module.uses_tokens else "input_values",
+        "vocab_size": config.vocab_size if module.uses_tokens else None,
+        "pooling": config.pooling if module.is_classifier else None,
+        "num_labels": config.num_labels if module.is_classifier else None,
+        "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
+        "compressed": model.compression_report is not None,
     }
 
 

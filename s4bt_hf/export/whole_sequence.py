@@ -26,7 +26,7 @@ import importlib
 import torch
 from torch import nn
 
-from .exporter import GRAPH_FILES, _dtype_name
+from .exporter import GRAPH_FILES, _dtype_name, model_description
 
 # scan of the chunk-end states: blocks of SCAN_BLOCK chunks, SCAN_LEVELS levels, then one dense
 # lower-triangular matrix over what remains (about L / (T · SCAN_BLOCK^SCAN_LEVELS) + 2 steps: 2 at
@@ -401,19 +401,8 @@ def describe_whole_sequence(model, module: WholeSequenceModule, format: str, ops
         "call": "(inputs, attention_mask) -> output; any batch size and length (>= 1)",
         "inputs": inputs,
         "outputs": [output],
-        "model": {
-            "class": type(model).__name__,
-            "d_model": config.d_model,
-            "n_layers": config.n_layers,
-            "d_state": [block.kernel.log_a_re.shape[-1] for block in module.blocks],
-            "bidirectional": bool(config.bidirectional),
-            "input": "input_ids" if module.uses_tokens else "input_values",
-            "vocab_size": config.vocab_size if module.uses_tokens else None,
-            "pooling": config.pooling if module.is_classifier else None,
-            "num_labels": config.num_labels if module.is_classifier else None,
-            "id2label": {str(k): v for k, v in config.id2label.items()} if module.is_classifier else None,
-            "compressed": model.compression_report is not None,
-        },
+        "model": model_description(model, module, [block.kernel.log_a_re.shape[-1] for block in module.blocks],
+                                   bidirectional=bool(config.bidirectional)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "chunk": [block.kernel.chunk for block in module.blocks],
         "versions": versions,
