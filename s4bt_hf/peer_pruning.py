@@ -35,12 +35,7 @@ def last_pruning(system: DiagonalSystem, rank: int, *, pad_mode: complex = 0.0,
     """Keep every channel's `rank` modes of largest H∞ norm ‖w‖₂ / (1 - |a|), unchanged (LAST).
     Details: `scores` (..., N) the H∞ norms, `error_bound` Σ over the dropped modes of their H∞
     norm (triangle inequality: it bounds ‖G - G_r‖_∞). `workers`: uniform signature, unused."""
-    del workers
-    system = system.to_complex128()
-    scores = state_hinf_norms(system)
-    reduced = keep_modes(system, scores, rank, pad_mode=pad_mode)
-    reduced.details["error_bound"] = scores.scatter(-1, reduced.details.pop("kept"), 0.0).sum(-1)
-    return reduced
+    return _keep_best(system, rank, state_hinf_norms, "error_bound", pad_mode)
 
 
 def aire_pruning(system: DiagonalSystem, rank: int, *, pad_mode: complex = 0.0,
@@ -48,11 +43,16 @@ def aire_pruning(system: DiagonalSystem, rank: int, *, pad_mode: complex = 0.0,
     """Keep every channel's `rank` modes of largest H2 energy ‖w‖₂² / (1 - |a|²), unchanged
     (AIRE-Prune). Details: `scores` (..., N) the energies, `dropped_energy` their sum over the
     dropped modes. `workers`: uniform signature, unused."""
-    del workers
+    return _keep_best(system, rank, state_h2_energies, "dropped_energy", pad_mode)
+
+
+def _keep_best(system: DiagonalSystem, rank: int, score, dropped_name: str, pad_mode: complex) -> ReducedModes:
+    """Each channel's `rank` modes of largest `score(system)`, unchanged; `details[dropped_name]`
+    is the sum of the dropped modes' scores."""
     system = system.to_complex128()
-    scores = state_h2_energies(system)
+    scores = score(system)
     reduced = keep_modes(system, scores, rank, pad_mode=pad_mode)
-    reduced.details["dropped_energy"] = scores.scatter(-1, reduced.details.pop("kept"), 0.0).sum(-1)
+    reduced.details[dropped_name] = scores.scatter(-1, reduced.details.pop("kept"), 0.0).sum(-1)
     return reduced
 
 

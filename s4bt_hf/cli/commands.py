@@ -442,9 +442,14 @@ def command_train(args) -> dict:
             "resumed_from_step": result.resumed_from}
 
 
+def _main_process() -> bool:
+    """Rank 0 of a distributed launch (or the only process): the one that writes summaries."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _card_with_results(model, info, metrics: dict, folder: str) -> None:
     """final/'s card with the last validation metrics as its model-index (main process)."""
-    if not metrics or os.environ.get("RANK", "0") != "0" or not os.path.isdir(folder):
+    if not metrics or not _main_process() or not os.path.isdir(folder):
         return
     model.card_info = {**(model.card_info or {}),
                        "eval_results": eval_results_from_metrics(metrics, model.config, info.name, "validation")}
@@ -455,7 +460,7 @@ def _card_with_results(model, info, metrics: dict, folder: str) -> None:
 def _save_preprocessor(info, folders: list[str]) -> None:
     """The user data's fitted feature extractor (or tokenizer) beside each saved model, so that
     `AutoFeatureExtractor`/`pipeline` read the model's inputs as it was trained (main process)."""
-    if info.preprocessor is None or os.environ.get("RANK", "0") != "0":
+    if info.preprocessor is None or not _main_process():
         return
     for folder in folders:
         if os.path.isdir(folder):
@@ -720,7 +725,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"s4bt {args.command}: error: {_one_line(where + describe(failure))}\n")
     except TrainingStopped as error:
         parser.exit(1, f"s4bt {args.command}: error: {_one_line(error)}\n")
-    if os.environ.get("RANK", "0") == "0":  # one summary line, also under `accelerate launch`
+    if _main_process():  # one summary line, also under `accelerate launch`
         print(json.dumps(result, default=str))
     return 0
 
