@@ -43,6 +43,9 @@ REMOTE_CODE_MODULES = (
     "peer_pruning",
     "h2_reduction",
     "refit",
+    # the search for the smallest model within a validation tolerance (`shrink`)
+    "shrink_search",
+    "evaluation_s4dss",
     "rank_budget",
 )
 

@@ -37,6 +37,7 @@ from .kernel_s4dss import (
     zoh_discretize,
 )
 from .model_card import derived_card_info
+from .shrink_search import shrink_model
 from .streaming_real import RealStreamingModule
 from .validation_s4dss import (
     check_attention_mask,
@@ -378,6 +379,34 @@ class S4DSSPreTrainedModel(S4DSSHubMixin, PreTrainedModel):
                                   workers=workers, calibration_data=calibration_data, **method_options)
         compressed.card_info = derived_card_info(self)
         return compressed
+
+    def shrink(self, validation_data, max_drop: float = 0.005, *, methods=None, refit=False, calibration_data=None,
+               metric: str | None = None, log=None, **reduce_options):
+        """The smallest reduced model (fewest SSM states) whose validation metric is within `max_drop`
+        of this model's; a NEW model (this one is never modified), with a `shrink_report` recording
+        every candidate evaluated (and, if one was found, the chosen reduction's `compression_report`).
+
+        The search tries model-wide budgets (`reduce(method, budget=...)`) of every method, by
+        bisection assuming a larger budget is never worse: about log2(n_layers · d_state) + 1
+        evaluations for the first method, one more for each method that cannot beat the best so far.
+
+        Args:
+            validation_data: a batch with `labels` (a dict of tensors or numpy arrays) or any iterable
+                of them (a `DataLoader`): what the candidates are judged on.
+            max_drop (`float`): the tolerance: accuracy, F1 or exact match may fall by at most
+                `max_drop` (0.005 = half a point); loss, MSE or MAE may grow by at most this fraction.
+            methods (`str` or list): reduction methods to search (default: all of `REDUCTION_METHODS`).
+            refit (`bool` or list of `bool`): with the data-aware refit (needs `calibration_data`,
+                training batches as in `reduce`), without, or both (`[False, True]`).
+            metric (`str`): default by the problem type: accuracy (single-label), f1 (multi-label),
+                mse (regression); or one of accuracy, f1, exact_match, loss, mse, mae.
+            log: a callable receiving one line per candidate (e.g. `print`).
+            **reduce_options: passed to every `reduce` (e.g. `time="continuous"`).
+        """
+        shrunk = shrink_model(self, validation_data, max_drop, methods=methods, refit=refit,
+                              calibration_data=calibration_data, metric=metric, log=log, **reduce_options)
+        shrunk.card_info = derived_card_info(self)
+        return shrunk
 
     # ------------------------------------------------------------------ input checks
     def _check_streaming_state(self, state, hidden_states: torch.Tensor) -> None:
