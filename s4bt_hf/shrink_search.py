@@ -186,8 +186,7 @@ def shrink_model(model, validation_data, max_drop: float = 0.005, *, methods=Non
                              if candidates[i].method == method and candidates[i].refit == with_refit
                              and candidates[i].modes_per_channel == found)
                 best = (found, index, results[index])
-            # keep only the best model's memory: the others are not returned
-            results = {index: reduced for index, reduced in results.items() if best is not None and index == best[1]}
+            results.clear()  # only the best model is returned: the others' memory goes
 
     model.train(was_training)
     if best is None:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification
-from s4bt_hf import shrink_search
+from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, shrink_search
 from s4bt_hf.shrink_search import ShrinkReport, acceptance_threshold, smallest_accepted
 
 METHODS = ("balanced_truncation", "modal_truncation", "last", "aire")
@@ -45,7 +44,8 @@ def test_thresholds_follow_the_direction_of_the_metric():
 
 def _model(problem_type=None, num_labels=3, seed=0):
     torch.manual_seed(seed)
-    config = S4DSSConfig(input_dim=1, num_labels=num_labels, d_model=4, n_layers=2, d_state=4, problem_type=problem_type)
+    config = S4DSSConfig(input_dim=1, num_labels=num_labels, d_model=4, n_layers=2, d_state=4,
+                         problem_type=problem_type)
     return S4DSSForSequenceClassification(config).eval()
 
 

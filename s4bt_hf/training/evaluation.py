@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
