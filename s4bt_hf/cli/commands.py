@@ -4,6 +4,7 @@
     s4bt compress --model runs/smnist-n64/final --rank 16 --output runs/smnist-r16
     s4bt train    --task smnist --init-from runs/smnist-r16 --output runs/smnist-r16-retrained
     s4bt evaluate --model runs/smnist-r16-retrained/final --task smnist
+    s4bt shrink   --model runs/smnist-n64/best --task smnist --max-drop 0.5 --output runs/smnist-shrunk
     s4bt export   --model runs/smnist-r16-retrained/final --output exported/ [--format onnx|torch|executorch]
                   [--whole-sequence]
 
@@ -39,6 +40,7 @@ from .arg_types import (
     unit_interval_open_right,
 )
 from .data_options import DataError, add_user_data_options, resolve_task, user_data_requested
+from .shrink import add_shrink_parser, command_shrink
 
 # Everything task-specific comes from the task registry (`s4bt_hf.data.TASK_INFOS`), read when the
 # parser is built: a registered task gets its name, data options and budgets on the command line.
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--whole-sequence", action="store_true",
                         help="export the forward on whole sequences instead: (inputs, attention_mask) -> output, "
                         "any batch and length, bidirectional models too (--format onnx or torch)")
+    add_shrink_parser(commands, _add_data_options)
     return parser
 
 
@@ -514,17 +517,7 @@ def command_compress(args) -> dict:
                                   calibration_data=calibration, **options)
     except (TypeError, ValueError) as error:
         raise CliError(str(error)) from error
-    try:  # written completely, then renamed into place: a failure leaves no half-written model
-        with staged_folder(args.output) as staging:
-            compressed.save_pretrained(staging)
-            preprocessor = _saved_preprocessor(args.model)  # the inputs are prepared as for the original
-            if preprocessor is not None:
-                preprocessor.save_pretrained(staging)
-    except Exception as error:
-        failure = as_write_error(error)
-        if failure is None:
-            raise
-        raise CliError(f"cannot write the compressed model to {args.output}: {describe(failure)}") from error
+    save_model_folder(compressed, args.output, args.model, "the compressed model")
     report = compressed.compression_report
     energies = [layer.layer_kept_energy for layer in report.layers]
     return {"output": args.output, "method": args.method, "d_state": compressed.config.d_state,
@@ -532,6 +525,22 @@ def command_compress(args) -> dict:
             "total_parameters": [report.total_parameters_before, report.total_parameters_after],
             "kept_energy": [None if energy is None else round(energy, 6) for energy in energies],
             "max_relative_kernel_error": [round(layer.max_relative_kernel_error, 6) for layer in report.layers]}
+
+
+def save_model_folder(model, folder: str, original: str, what: str) -> None:
+    """`model` and the preprocessor saved beside `original` (its inputs are prepared as the
+    original's), written completely, then renamed into place: a failure leaves no half-written model."""
+    try:
+        with staged_folder(folder) as staging:
+            model.save_pretrained(staging)
+            preprocessor = _saved_preprocessor(original)
+            if preprocessor is not None:
+                preprocessor.save_pretrained(staging)
+    except Exception as error:
+        failure = as_write_error(error)
+        if failure is None:
+            raise
+        raise CliError(f"cannot write {what} to {folder}: {describe(failure)}") from error
 
 
 def command_compare_reductions(args) -> dict:
@@ -701,7 +710,7 @@ def _require_accuracy(task: str, command: str) -> None:
 
 COMMANDS = {"train": command_train, "compress": command_compress, "compare-reductions": command_compare_reductions,
             "evaluate": command_evaluate,
-            "reproduce": command_reproduce, "export": command_export}
+            "reproduce": command_reproduce, "export": command_export, "shrink": command_shrink}
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PadCollator"]
+__all__ = ["PadCollator", "dataset_batches"]
 
 
 class PadCollator:
@@ -88,3 +88,14 @@ def _as_label(label: Any) -> Any:
     if isinstance(label, torch.Tensor):
         return label.tolist()
     return label
+
+
+def dataset_batches(split, batch_size: int, collate, samples: int | None = None, labels: bool = True) -> list[dict]:
+    """The first `samples` examples of `split` (all by default) as collated model batches, with or
+    without their `labels` (what `reduce(calibration_data=...)` and `shrink(validation_data)` take)."""
+    chosen = split if samples is None else split.select(range(min(samples, len(split))))
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        batch = collate([chosen[index] for index in range(start, min(start + batch_size, len(chosen)))])
+        batches.append(batch if labels else {key: value for key, value in batch.items() if key != "labels"})
+    return batches

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..data import load_task, task_info
-from ..data.collate import PadCollator
+from ..data.collate import PadCollator, dataset_batches
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import evaluate_dataset
@@ -76,12 +76,7 @@ def _chosen_hankel_setting(folder: str) -> tuple[float, int, bool]:
 
 def calibration_batches(split, samples: int, batch_size: int, collate) -> list[dict]:
     """The first `samples` examples of `split` as model batches (labels dropped)."""
-    chosen = split.select(range(min(samples, len(split))))
-    batches = []
-    for start in range(0, len(chosen), batch_size):
-        batch = collate([chosen[index] for index in range(start, min(start + batch_size, len(chosen)))])
-        batches.append({key: value for key, value in batch.items() if key != "labels"})
-    return batches
+    return dataset_batches(split, batch_size, collate, samples=samples, labels=False)
 
 
 def compare_reductions(originals: list[dict], ranks: list[int], output: str, variants=DEFAULT_VARIANTS,
