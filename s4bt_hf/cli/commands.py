@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output", required=True, help="new folder for the results")
     compare.add_argument("--calibration-samples", type=positive_int, default=200,
                          help="training examples for the refit (default 200)")
+    compare.add_argument("--kept-fractions", type=unit_interval_closed, nargs="*",
+                         help="budget grid of the states-removed metric: fractions of the SSM states kept (default: "
+                         "1 2 3 4 6 8 12 16 24 32 of 64); none given: no curves")
+    compare.add_argument("--drops", type=positive_float, nargs="+", default=[0.5, 1.0],
+                         help="accuracy drops (points) of the states-removed metric (default 0.5 1)")
     _add_data_options(compare)
     add_user_data_options(compare, "--model")
 
@@ -545,6 +550,7 @@ def save_model_folder(model, folder: str, original: str, what: str) -> None:
 
 def command_compare_reductions(args) -> dict:
     from ..experiments.compare_reductions import compare_reductions, originals_of_reproduce
+    from ..experiments.states_removed import DEFAULT_KEPT_FRACTIONS
 
     _check_output_folder(args.output)
     if args.reproduce is not None:
@@ -575,7 +581,10 @@ def command_compare_reductions(args) -> dict:
                            f"({config.d_state})")
     try:
         results = compare_reductions(originals, args.ranks, args.output,
-                                     calibration_samples=args.calibration_samples)
+                                     calibration_samples=args.calibration_samples,
+                                     kept_fractions=(DEFAULT_KEPT_FRACTIONS if args.kept_fractions is None
+                                                     else args.kept_fractions),
+                                     drops=[drop / 100 for drop in args.drops])
     except ValueError as error:
         raise CliError(str(error)) from error
     best = {}
@@ -584,9 +593,15 @@ def command_compare_reductions(args) -> dict:
             continue
         if row["rank"] not in best or row["keep_ratio"] > best[row["rank"]]["keep_ratio"]:
             best[row["rank"]] = row
+    most_removed = {}
+    for row in results.get("states_removed_summary", []):
+        key = f"{100 * row['drop']:g}"
+        if key not in most_removed or row["states_removed"] > most_removed[key][2]:
+            most_removed[key] = [row["variant"], row["refit"], round(row["states_removed"], 4)]
     return {"output": args.output, "best_keep_ratio": {rank: [row["variant"], row["setting"],
                                                              round(row["keep_ratio"], 4)]
-                                                      for rank, row in sorted(best.items())}}
+                                                      for rank, row in sorted(best.items())},
+            "most_states_removed_at_drop_points": most_removed}
 
 
 def command_evaluate(args) -> dict:

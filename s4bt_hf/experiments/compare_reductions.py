@@ -1,7 +1,10 @@
 """The no-retraining benchmark: every reduction method at every rank on trained originals, with
 and without the data-aware refit, one rank everywhere against a model-wide budget of the same
-total size; test accuracy WITHOUT any retraining, wall time and kernel errors. Writes
-results.json, results.md and a plot (`s4bt compare-reductions`)."""
+total size; test accuracy WITHOUT any retraining, wall time and kernel errors. Then the field's
+metric (`states_removed.py`): accuracy against SSM states kept over a grid of model-wide budgets,
+and the largest share of states removed at a drop of at most 0.5 and 1 point (chosen on
+validation, reported on test). Writes results.json, results.md, keep_ratio.png and
+states_vs_accuracy.png (`s4bt compare-reductions`)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,15 @@ from ..data.collate import PadCollator, dataset_batches
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import evaluate_dataset
+from .states_removed import (
+    DEFAULT_DROPS,
+    DEFAULT_KEPT_FRACTIONS,
+    budget_curve,
+    budget_grid,
+    states_removed_at,
+    states_removed_table,
+    summarise_states_removed,
+)
 
 # (label, method, options): modal truncation is shown twice, with and without the DC gain kept
 DEFAULT_VARIANTS = (
@@ -25,6 +37,8 @@ DEFAULT_VARIANTS = (
     ("modal_truncation", "modal_truncation", {}),
     ("modal_truncation+dc", "modal_truncation", {"match_dc": True}),
     ("h2", "h2", {}),
+    ("last", "last", {}),
+    ("aire", "aire", {}),
 )
 SETTINGS = ("uniform", "uniform+refit", "budget", "budget+refit")
 
@@ -81,9 +95,12 @@ def calibration_batches(split, samples: int, batch_size: int, collate) -> list[d
 
 def compare_reductions(originals: list[dict], ranks: list[int], output: str, variants=DEFAULT_VARIANTS,
                        settings=SETTINGS, calibration_samples: int = 200, batch_size: int = 100,
-                       log=print) -> dict:
+                       log=print, kept_fractions=DEFAULT_KEPT_FRACTIONS, drops=DEFAULT_DROPS,
+                       curve_refits=(False, True)) -> dict:
     """Run the benchmark on `originals` (dicts with name, model, task, data, train_samples) and
-    write its outputs to `output` (created; an existing results.json is refused)."""
+    write its outputs to `output` (created; an existing results.json is refused). `kept_fractions`
+    (None or empty: no curves) is the budget grid of the states-removed metric, `drops` its
+    accuracy drops (fractions), `curve_refits` whether its reductions refit (both by default)."""
     for label, method, _ in variants:
         if method not in REDUCTION_METHODS:
             raise ValueError(f"unknown method {method!r} in variant {label!r}")
@@ -93,7 +110,8 @@ def compare_reductions(originals: list[dict], ranks: list[int], output: str, var
     if os.path.exists(os.path.join(output, "results.json")):
         raise ValueError(f"{output} already holds results.json; choose a new folder")
     os.makedirs(output, exist_ok=True)
-    rows = []
+    rows, curves, removed = [], [], []
+    test_samples = None
     for original in originals:
         info = task_info(original["task"])
         splits = load_task(original["task"], **original["data"]).with_format("torch")
@@ -105,7 +123,7 @@ def compare_reductions(originals: list[dict], ranks: list[int], output: str, var
         base = evaluate_dataset(model, splits["test"], batch_size, collate)["accuracy"]
         log(f"{original['name']}: original test accuracy {base:.4f}")
         batches = (calibration_batches(train_split, calibration_samples, batch_size, collate)
-                   if any("refit" in setting for setting in settings) else None)
+                   if any("refit" in setting for setting in settings) or any(curve_refits) else None)
         for rank in ranks:
             for label, method, options in variants:
                 for setting in settings:
@@ -119,15 +137,37 @@ def compare_reductions(originals: list[dict], ranks: list[int], output: str, var
                     rows.append(_row(original, base, rank, label, setting, accuracy, seconds,
                                      reduced.compression_report))
                     log(f"{original['name']} rank {rank} {label} {setting}: {accuracy:.4f} ({seconds:.1f} s)")
+        if kept_fractions:
+            validation = dataset_batches(splits["validation"], batch_size, collate)
+            test = dataset_batches(splits["test"], batch_size, collate)
+            grid = budget_grid(model.config.layer_d_states, kept_fractions)
+            curve = budget_curve(original["name"], model, variants, curve_refits, grid, validation, test, batches, log)
+            test_samples = len(splits["test"])
+            reference = {"validation_accuracy": evaluate_dataset(model, splits["validation"], batch_size,
+                                                                 collate)["accuracy"],
+                         "test_accuracy": base, "test_correct": round(base * test_samples)}
+            for row in curve:
+                row["original_test_accuracy"] = base
+                row["original_validation_accuracy"] = reference["validation_accuracy"]
+            curves += curve
+            removed += states_removed_at(curve, reference, drops)
     results = {"ranks": list(ranks), "variants": [label for label, _, _ in variants], "settings": list(settings),
                "calibration_samples": calibration_samples, "rows": rows, "summary": summarise(rows)}
+    if kept_fractions:
+        results.update(kept_fractions=list(kept_fractions), drops=list(drops), test_samples=test_samples,
+                       budget_curves=curves, states_removed=removed,
+                       states_removed_summary=summarise_states_removed(removed))
     with open(os.path.join(output, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
     with open(os.path.join(output, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(results_table(results))
-    from .plots import plot_reduction_comparison
+        if kept_fractions:
+            handle.write("\n" + states_removed_table(results["states_removed_summary"], drops, test_samples))
+    from .plots import plot_reduction_comparison, plot_states_vs_accuracy
 
     plot_reduction_comparison(results, os.path.join(output, "keep_ratio.png"))
+    if kept_fractions:
+        plot_states_vs_accuracy(curves, os.path.join(output, "states_vs_accuracy.png"))
     return results
 
 

@@ -121,3 +121,33 @@ def plot_reduction_comparison(results: dict, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_states_vs_accuracy(curves: list[dict], path: str) -> None:
+    """Test accuracy without retraining (mean over originals) against the share of SSM states kept,
+    one curve per method (solid without the refit, dashed with it); the originals' mean as a line."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colours = {}
+    originals = {row["original"]: row["original_test_accuracy"] for row in curves}
+    for refit, axis in ((False, axes[0]), (True, axes[1])):
+        groups = {}
+        for row in curves:
+            if row["refit"] == refit:
+                groups.setdefault(row["variant"], {}).setdefault(row["kept_fraction"], []).append(row["test_accuracy"])
+        for variant, points in groups.items():
+            fractions = sorted(points)
+            colour = colours.setdefault(variant, f"C{len(colours) % 10}")
+            axis.plot([100 * fraction for fraction in fractions],
+                      [100 * sum(points[f]) / len(points[f]) for f in fractions], marker="o", color=colour,
+                      linestyle="--" if refit else "-", label=variant)
+        axis.axhline(100 * sum(originals.values()) / len(originals), color="black", linewidth=0.8,
+                     label="original")
+        axis.set_xscale("log", base=2)
+        axis.set_title("with the data-aware refit" if refit else "no refit")
+        axis.set_xlabel("SSM states kept (% of the original's)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy without retraining (%), mean over originals")
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
