@@ -91,8 +91,10 @@ def test_pearson_and_budgets():
     assert pearson([1.0, 1.0], [2.0, 3.0]) is None and pearson([1.0], [1.0]) is None
     for task in ("smnist", "listops"):
         budgets = default_budgets(task)
-        assert set(budgets) == {"cpu", "paper"}
+        assert set(budgets) == ({"cpu", "strong", "paper"} if task == "smnist" else {"cpu", "paper"})
         assert budgets["paper"].d_model > budgets["cpu"].d_model
+    strong = default_budgets("psmnist")["strong"]
+    assert strong.peer_comparison and strong.shrink_drops == [0.005, 0.01] and len(strong.originals) == 3
     with pytest.raises(ValueError, match="ranks must lie"):
         reproduce("smnist", "unused", Budget(**{**TINY.__dict__, "ranks": [5]}))
     assert "| 1 |" in results_table({
@@ -245,3 +247,39 @@ def test_compression_aware_arms_reuse_the_cached_originals(experiment):
     again = []
     reproduce("smnist", str(output), budget, progress=False, log=again.append, compression_aware=settings)
     assert all(message.endswith("skipped") for message in again if not message.startswith("hankel weight chosen"))
+
+
+# ----------------------------------------------------------------------------- the field's metric
+
+
+def test_peer_comparison_and_shrink_stages(tmp_path):
+    """A budget with `peer_comparison` and `shrink_drops` adds the states-removed table and curves
+    (LAST and AIRE beside the other methods) and `shrink` of every original; a re-run reuses them,
+    and the other stages keep their cache keys."""
+    budget = Budget(**{**TINY.__dict__, "ranks": [2], "equal_total_ranks": [], "originals": [(0, 1)],
+                       "peer_comparison": True, "shrink_drops": [0.5]})
+    messages = []
+    results = reproduce("smnist", str(tmp_path / "run"), budget, progress=False, log=messages.append)
+    peers = results["peers"]
+    assert {row["variant"] for row in peers["curves"]} >= {"balanced_truncation", "last", "aire"}
+    assert {row["refit"] for row in peers["curves"]} == {False, True}
+    assert {(row["drop"], row["refit"]) for row in peers["summary"]} == {(0.005, False), (0.005, True),
+                                                                         (0.01, False), (0.01, True)}
+    (shrunk,) = results["shrink"]
+    assert shrunk["drop"] == 0.5 and shrunk["evaluations"] >= 1 and 0 <= shrunk["test_accuracy"] <= 1
+    # a 50-point tolerance on a 1-layer, 4-state model: one mode per channel is within it
+    assert shrunk["states"] == 4 and shrunk["states_removed"] == pytest.approx(0.75)
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "removed at ≤ 0.5 pt" in table and "`model.shrink`" in table
+    assert (tmp_path / "run" / "states_vs_accuracy.png").stat().st_size > 0
+    names = {name.rsplit("-", 1)[0] for name in os.listdir(tmp_path / "run" / "stages")}
+    assert {"peers-s0-e1", "shrink-s0-e1-d0.5"} <= names
+    plain = reproduce("smnist", str(tmp_path / "plain"), Budget(**{**budget.__dict__, "peer_comparison": False,
+                                                                   "shrink_drops": []}),
+                      progress=False, log=lambda _: None)
+    assert "peers" not in plain
+    assert sorted(os.listdir(tmp_path / "plain" / "stages")) == sorted(
+        name for name in os.listdir(tmp_path / "run" / "stages") if not name.startswith(("peers", "shrink")))
+    messages = []
+    reproduce("smnist", str(tmp_path / "run"), budget, progress=False, log=messages.append)
+    assert all(message.endswith("done before, skipped") for message in messages)

@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--train-file / --dataset, with a test split)")
     reproduce.add_argument("--output", default="runs/reproduce", help="experiment folder (default runs/reproduce)")
     reproduce.add_argument("--budget", default="cpu", choices=_budget_names(),
-                           help="cpu: about 15 minutes on 2 cores (default); paper: LRA-scale recipe for GPUs")
+                           help="cpu: about 15 minutes on 2 cores (default); strong (sMNIST, psMNIST): strong "
+                           "originals, the field's metric with LAST and AIRE, shrink, then the paper's arms (hours on "
+                           "2 cores, resumable); paper: LRA-scale recipe for GPUs")
     reproduce.add_argument("--ranks", type=positive_int, nargs="+", help="ranks to compress to (default: the budget's)")
     reproduce.add_argument("--equal-total-ranks", type=positive_int, nargs="*",
                            help="ranks that also get a Skew-HiPPO baseline trained as many epochs in total as the BT "

@@ -23,9 +23,7 @@ from ..training import evaluate_dataset
 from .states_removed import (
     DEFAULT_DROPS,
     DEFAULT_KEPT_FRACTIONS,
-    budget_curve,
-    budget_grid,
-    states_removed_at,
+    measure_states_removed,
     states_removed_table,
     summarise_states_removed,
 )
@@ -138,19 +136,11 @@ def compare_reductions(originals: list[dict], ranks: list[int], output: str, var
                                      reduced.compression_report))
                     log(f"{original['name']} rank {rank} {label} {setting}: {accuracy:.4f} ({seconds:.1f} s)")
         if kept_fractions:
-            validation = dataset_batches(splits["validation"], batch_size, collate)
-            test = dataset_batches(splits["test"], batch_size, collate)
-            grid = budget_grid(model.config.layer_d_states, kept_fractions)
-            curve = budget_curve(original["name"], model, variants, curve_refits, grid, validation, test, batches, log)
-            test_samples = len(splits["test"])
-            reference = {"validation_accuracy": evaluate_dataset(model, splits["validation"], batch_size,
-                                                                 collate)["accuracy"],
-                         "test_accuracy": base, "test_correct": round(base * test_samples)}
-            for row in curve:
-                row["original_test_accuracy"] = base
-                row["original_validation_accuracy"] = reference["validation_accuracy"]
-            curves += curve
-            removed += states_removed_at(curve, reference, drops)
+            measured = measure_states_removed(original["name"], model, splits, collate, variants, curve_refits,
+                                              kept_fractions, drops, batches, batch_size, log)
+            curves += measured["curve"]
+            removed += measured["states_removed"]
+            test_samples = measured["test_samples"]
     results = {"ranks": list(ranks), "variants": [label for label, _, _ in variants], "settings": list(settings),
                "calibration_samples": calibration_samples, "rows": rows, "summary": summarise(rows)}
     if kept_fractions:

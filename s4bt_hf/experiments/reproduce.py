@@ -19,10 +19,16 @@ and, with `compression_aware` (`CompressionAware`, `s4bt reproduce --compression
     hankel-reduce    those reduced to every rank by balanced truncation, not retrained
     reduce-during    new models reduced to each rank during training (the BT arm's total epochs)
 
+and, with a budget's `peer_comparison` / `shrink_drops` (`--budget strong`; `field_metric.py`):
+
+    peers            every method, LAST and AIRE included: states removed at <= 0.5 / 1 point
+    shrink           `model.shrink` of every original at each drop
+
 Outputs in `<output>`: results.json, results.md (the table), hsv_decay.png, accuracy_vs_params.png,
-original_vs_compressed.png, and models/bt_r<rank>/ (the retrained compressed model of the best
-original, with its model card). Task facts (model inputs, data description, budgets) come from
-the task registry (`s4bt_hf.data.TASK_INFOS`); the stage cache keys do not depend on them.
+original_vs_compressed.png, states_vs_accuracy.png (with `peer_comparison`), and models/bt_r<rank>/
+(the retrained compressed model of the best original, with its model card). Task facts (model
+inputs, data description, budgets) come from the task registry (`s4bt_hf.data.TASK_INFOS`); the
+stage cache keys do not depend on them.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ..model_card import render_model_card
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
+from .field_metric import field_metric_tables, peer_comparison, shrink_originals
 
 STAGES_DIR = "stages"
 
@@ -80,6 +87,10 @@ class Budget:
     # ranks at which a second baseline trains as many epochs as the BT arm in total (original's
     # pre-training + main training): BT's advantage must be more than extra training
     equal_total_ranks: list[int] = field(default_factory=list)
+    # the field's metric on the same originals (`field_metric.py`): every method, LAST and AIRE
+    # included, over a budget grid (states removed at <= 0.5 / 1 point), and `shrink` at these drops
+    peer_comparison: bool = False
+    shrink_drops: list[float] = field(default_factory=list)
 
 
 def default_budgets(task: str) -> dict[str, Budget]:
@@ -219,7 +230,8 @@ class _Experiment:
     def recipe(self) -> dict:
         """The training recipe in every training stage's cache key: the budget less what varies by stage."""
         return {key: value for key, value in asdict(self.budget).items()
-                if key not in ("ranks", "originals", "main_epochs", "equal_total_ranks")}
+                if key not in ("ranks", "originals", "main_epochs", "equal_total_ranks", "peer_comparison",
+                               "shrink_drops")}
 
     def stage(self, name: str, config: dict, work, **arguments) -> dict:
         """Run (or read back) a cached stage; `work(folder, **arguments)` computes it."""
@@ -270,6 +282,8 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     _check_budget(budget, compression_aware)
     experiment = _prepare(task, output, budget, progress, log)
     originals = _pretrain_originals(experiment)
+    peers = peer_comparison(experiment, originals) if budget.peer_comparison else None
+    shrink_rows = shrink_originals(experiment, originals) if budget.shrink_drops else []
     if compression_aware is not None:  # right after the originals, which is all they need
         hankel = _hankel_arm(experiment, compression_aware, originals)
         in_training = _in_training_arm(experiment, compression_aware)
@@ -277,6 +291,10 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     baselines = _train_baselines(experiment)
     equal_total = _train_equal_total_baselines(experiment)
     results = _summarise(task, budget_name, budget, originals, rows, baselines, equal_total)
+    if peers is not None:
+        results["peers"] = peers
+    if shrink_rows:
+        results["shrink"] = [{key: value for key, value in row.items() if key != "report"} for row in shrink_rows]
     regularised_rows = []
     if compression_aware is not None:
         _summarise_compression_aware(results, compression_aware, hankel, in_training)
@@ -673,7 +691,17 @@ def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget,
     table = results_table(results)
     with open(os.path.join(output, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
-    from .plots import plot_accuracy_vs_parameters, plot_hsv_decay, plot_original_vs_compressed
+        if "peers" in results or "shrink" in results:
+            handle.write("\n" + field_metric_tables(results.get("peers"), results.get("shrink", [])))
+    from .plots import (
+        plot_accuracy_vs_parameters,
+        plot_hsv_decay,
+        plot_original_vs_compressed,
+        plot_states_vs_accuracy,
+    )
+
+    if "peers" in results:
+        plot_states_vs_accuracy(results["peers"]["curves"], os.path.join(output, "states_vs_accuracy.png"))
 
     plot_hsv_decay(rows, os.path.join(output, "hsv_decay.png"), regularised_rows)
     plot_accuracy_vs_parameters(results, os.path.join(output, "accuracy_vs_params.png"))

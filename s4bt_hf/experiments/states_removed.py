@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from ..data.collate import dataset_batches
 from ..evaluation_s4dss import evaluation_metrics
 
 # fractions of the original's states kept: mean ranks 1, 2, 3, 4, 6, 8, 12, 16, 24, 32 of 64
@@ -57,6 +58,25 @@ def budget_curve(name: str, model, variants, refits, grid: list[int], validation
                 log(f"{name} {label}{' + refit' if refit else ''} {modes * d_model} states: validation "
                     f"{validation_accuracy:.4f}, test {test_accuracy:.4f}")
     return rows
+
+
+def measure_states_removed(name: str, model, splits, collate, variants, refits, kept_fractions, drops,
+                           calibration: list[dict] | None, batch_size: int, log) -> dict:
+    """The curves (`budget_curve`) and the states removed at each drop (`states_removed_at`) of one
+    original on its task's validation and test splits."""
+    validation = dataset_batches(splits["validation"], batch_size, collate)
+    test = dataset_batches(splits["test"], batch_size, collate)
+    validation_accuracy, _ = accuracy_and_correct(model, validation)
+    test_accuracy, test_correct = accuracy_and_correct(model, test)
+    grid = budget_grid(model.config.layer_d_states, kept_fractions)
+    curve = budget_curve(name, model, variants, refits, grid, validation, test, calibration, log)
+    for row in curve:
+        row.update(original_validation_accuracy=validation_accuracy, original_test_accuracy=test_accuracy)
+    reference = {"validation_accuracy": validation_accuracy, "test_accuracy": test_accuracy,
+                 "test_correct": test_correct}
+    return {"curve": curve, "states_removed": states_removed_at(curve, reference, drops),
+            "test_samples": len(splits["test"]), "original_validation_accuracy": validation_accuracy,
+            "original_test_accuracy": test_accuracy}
 
 
 def states_removed_at(rows: list[dict], original: dict, drops) -> list[dict]:
