@@ -34,22 +34,22 @@ from .states_removed import (
 CALIBRATION_SAMPLES = 200  # training examples of the refit, as in `s4bt compare-reductions`
 
 
-def peer_comparison(experiment, originals: list[dict]) -> dict:
-    """The `peers-s<seed>` stages; {"curves", "states_removed", "summary", "test_samples"}."""
-    budget = experiment.budget
-    variants = [list(variant) for variant in DEFAULT_VARIANTS]
-    curves, removed, test_samples = [], [], None
-    for (seed, epochs), original in zip(budget.originals, originals, strict=True):
-        config = {**experiment.common, "original": original["model"], "variants": variants,
-                  "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
-                  "calibration_samples": CALIBRATION_SAMPLES}
-        result = experiment.stage(f"peers-s{seed}-e{epochs}", config, _measure, experiment=experiment,
-                                  label=f"seed {seed}", path=original["model"])
-        curves += result["curve"]
-        removed += result["states_removed"]
-        test_samples = result["test_samples"]
-    return {"curves": curves, "states_removed": removed, "summary": summarise_states_removed(removed),
-            "test_samples": test_samples, "drops": list(DEFAULT_DROPS)}
+def peer_stage(experiment, seed: int, epochs: int, original: dict) -> dict:
+    """The `peers-s<seed>` stage of one original: {"curve", "states_removed", "test_samples", ...}."""
+    config = {**experiment.common, "original": original["model"],
+              "variants": [list(variant) for variant in DEFAULT_VARIANTS],
+              "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
+              "calibration_samples": CALIBRATION_SAMPLES}
+    return experiment.stage(f"peers-s{seed}-e{epochs}", config, _measure, experiment=experiment,
+                            label=f"seed {seed}", path=original["model"])
+
+
+def collect_peers(stages: list[dict]) -> dict:
+    """The peer stages of every original together: {"curves", "states_removed", "summary", ...}."""
+    removed = [entry for stage in stages for entry in stage["states_removed"]]
+    return {"curves": [row for stage in stages for row in stage["curve"]], "states_removed": removed,
+            "summary": summarise_states_removed(removed), "test_samples": stages[-1]["test_samples"],
+            "drops": list(DEFAULT_DROPS)}
 
 
 def _measure(folder: str, experiment, label: str, path: str) -> dict:
@@ -64,18 +64,16 @@ def _calibration(experiment) -> list[dict]:
                            samples=CALIBRATION_SAMPLES, labels=False)
 
 
-def shrink_originals(experiment, originals: list[dict]) -> list[dict]:
-    """The `shrink-s<seed>` stages: one row per original and drop."""
-    budget = experiment.budget
+def shrink_stages(experiment, seed: int, epochs: int, original: dict) -> list[dict]:
+    """The `shrink-s<seed>-d<drop>` stages of one original: one row per drop of the budget."""
     rows = []
-    for (seed, epochs), original in zip(budget.originals, originals, strict=True):
-        for drop in budget.shrink_drops:
-            config = {**experiment.common, "original": original["model"], "max_drop": drop,
-                      "methods": list(REDUCTION_METHODS), "refit": [False, True],
-                      "calibration_samples": CALIBRATION_SAMPLES}
-            result = experiment.stage(f"shrink-s{seed}-e{epochs}-d{drop:g}", config, _shrink, experiment=experiment,
-                                      path=original["model"], drop=drop)
-            rows.append({"seed": seed, "drop": drop, **result})
+    for drop in experiment.budget.shrink_drops:
+        config = {**experiment.common, "original": original["model"], "max_drop": drop,
+                  "methods": list(REDUCTION_METHODS), "refit": [False, True],
+                  "calibration_samples": CALIBRATION_SAMPLES}
+        result = experiment.stage(f"shrink-s{seed}-e{epochs}-d{drop:g}", config, _shrink, experiment=experiment,
+                                  path=original["model"], drop=drop)
+        rows.append({"seed": seed, "drop": drop, **result})
     return rows
 
 

@@ -55,7 +55,7 @@ from ..model_card import render_model_card
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
-from .field_metric import field_metric_tables, peer_comparison, shrink_originals
+from .field_metric import collect_peers, field_metric_tables, peer_stage, shrink_stages
 
 STAGES_DIR = "stages"
 
@@ -281,9 +281,13 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     budget, budget_name = _resolve_budget(task, budget, budget_name)
     _check_budget(budget, compression_aware)
     experiment = _prepare(task, output, budget, progress, log)
-    originals = _pretrain_originals(experiment)
-    peers = peer_comparison(experiment, originals) if budget.peer_comparison else None
-    shrink_rows = shrink_originals(experiment, originals) if budget.shrink_drops else []
+    originals, peer_results, shrink_rows = [], [], []
+    for seed, epochs in budget.originals:  # each original measured as soon as it is trained
+        originals.append(_pretrain(experiment, seed, epochs))
+        if budget.peer_comparison:
+            peer_results.append(peer_stage(experiment, seed, epochs, originals[-1]))
+        shrink_rows += shrink_stages(experiment, seed, epochs, originals[-1])
+    peers = collect_peers(peer_results) if peer_results else None
     if compression_aware is not None:  # right after the originals, which is all they need
         hankel = _hankel_arm(experiment, compression_aware, originals)
         in_training = _in_training_arm(experiment, compression_aware)
@@ -338,10 +342,6 @@ def _pretrain(experiment: _Experiment, seed: int, epochs: int, hankel_weight: fl
     return experiment.stage(f"hankel-pretrain-s{seed}-e{epochs}-w{hankel_weight:g}", config, experiment.train_new,
                             d_state=budget.d_state, seed=seed, epochs=epochs, hankel_weight=hankel_weight,
                             hankel_every=hankel_every, hankel_reuse=hankel_reuse)
-
-
-def _pretrain_originals(experiment: _Experiment) -> list[dict]:
-    return [_pretrain(experiment, seed, epochs) for seed, epochs in experiment.budget.originals]
 
 
 def _compress_and_retrain(experiment: _Experiment, originals: list[dict]) -> list[dict]:
