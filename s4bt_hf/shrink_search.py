@@ -190,8 +190,7 @@ def shrink_model(model, validation_data, max_drop: float = 0.005, *, methods=Non
 
     model.train(was_training)
     if best is None:
-        shrunk = copy.deepcopy(model)
-        shrunk.compression_report = None
+        shrunk = copy.deepcopy(model)  # as it was, its own compression report (if any) included
     else:
         shrunk = best[2]
     shrunk.shrink_report = ShrinkReport(
