@@ -25,6 +25,7 @@ REMOTE_CODE_MODULES = (
     "configuration_s4dss",
     "modeling_s4dss",
     "kernel_s4dss",
+    "real_convolution_s4dss",  # the forward's convolution while `torch.export` traces it
     "initialization_s4dss",
     "validation_s4dss",
     "streaming_real",

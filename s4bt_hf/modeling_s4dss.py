@@ -37,6 +37,7 @@ from .kernel_s4dss import (
     zoh_discretize,
 )
 from .model_card import derived_card_info
+from .real_convolution_s4dss import real_convolution, real_convolution_chunk, real_discrete_system
 from .shrink_search import shrink_model
 from .streaming_real import RealStreamingModule
 from .validation_s4dss import (
@@ -119,6 +120,12 @@ class S4DSSKernel(nn.Module):
         length = inputs.shape[1]
         if self.convolution not in ("auto", "fft", "chunked"):
             raise ValueError(f"`convolution` must be 'auto', 'fft' or 'chunked', got {self.convolution!r}.")
+        if torch.compiler.is_exporting():
+            # transformers' exporters trace this forward: ONNX has no complex dtypes, and the choice
+            # below reads the length as a Python int, which pins the graph to the traced length
+            system = real_discrete_system(self.log_dt, self.log_A_real, self.A_imag, self.B, self.C, inputs.dtype)
+            convolved = real_convolution(inputs, *system, real_convolution_chunk(self.d_state))
+            return self.D.to(inputs.dtype) * inputs + convolved
         chunk = None
         if not self.bidirectional and self.convolution != "fft":
             chunk = convolution_chunk(self.d_state, length, force=self.convolution == "chunked")
