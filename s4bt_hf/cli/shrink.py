@@ -17,7 +17,7 @@ import os
 from ..data import TASK_INFOS
 from ..reduction_methods import REDUCTION_METHODS
 from ..shrink_search import REPORT_FILE, ShrinkReport
-from .arg_types import nonnegative_float, positive_float, positive_int
+from .arg_types import nonnegative_float, nonnegative_int, positive_float, positive_int
 from .data_options import add_user_data_options
 
 REFIT_CHOICES = {"no": [False], "yes": [True], "both": [False, True]}
@@ -50,7 +50,7 @@ def add_shrink_parser(commands, add_data_options) -> None:
     retrain.add_argument("--retrain-epochs", type=positive_int, help="epochs (default: none)")
     retrain.add_argument("--lr", type=positive_float, default=1e-2, help="learning rate (default 1e-2)")
     retrain.add_argument("--train-batch-size", type=positive_int, default=32, help="per process (default 32)")
-    retrain.add_argument("--seed", type=positive_int, default=0)
+    retrain.add_argument("--seed", type=nonnegative_int, default=0)
     retrain.add_argument("--no-progress", action="store_true")
     add_data_options(shrink)
     add_user_data_options(shrink, "the search")
