@@ -146,7 +146,9 @@ class CompressionReport:
             f"- total parameters: {self.total_parameters_before:,} → {self.total_parameters_after:,}",
         ]
         if self.budget is not None:
-            lines.append(f"- rank budget {self.budget['budget']}: ranks {self.budget['ranks']} per layer")
+            threshold = self.budget.get("threshold")  # `last`/`aire`: the global threshold of their scores
+            lines.append(f"- rank budget {self.budget['budget']}: ranks {self.budget['ranks']} per layer"
+                         + ("" if threshold is None else f" (global score threshold {threshold:.4g})"))
         lines += [
             "",
             "| layer | modes before → after | kept Hankel energy | max a-priori bound | max kernel error "

@@ -202,6 +202,7 @@ def test_global_threshold_allocation_against_brute_force(method, bidirectional):
         threshold = reduced.compression_report.budget["threshold"]
         np.testing.assert_allclose(threshold, kept.min(), rtol=1e-12)
         assert dropped.size == 0 or kept.min() >= dropped.max()
+        assert f"global score threshold {threshold:.4g}" in reduced.compression_report.summary_markdown()
 
 
 def test_budget_allocations_of_the_two_criteria_and_balanced_truncation_differ():
