@@ -45,17 +45,24 @@ def check_calibration_data(model, calibration_data) -> list[dict]:
     torch `DataLoader`); values may be tensors or arrays (numpy). A batch is refused if it is
     empty, holds NaN or Inf, or drives a DSS layer's input or output to NaN or Inf: the refit's
     least squares would fit NaN output maps."""
-    if isinstance(calibration_data, Mapping):
-        batches = [calibration_data]
-    elif isinstance(calibration_data, Iterable) and not isinstance(calibration_data, (torch.Tensor, str, bytes)):
-        batches = list(calibration_data)
-    else:
-        raise TypeError("`calibration_data` must be a batch (a dict of tensors such as {'input_values': ..., "
-                        "'attention_mask': ...}) or an iterable of such batches (a list, a DataLoader), got "
-                        f"{type(calibration_data).__name__}.")
-    if not batches:
-        raise ValueError("`calibration_data` holds no batch.")
+    batches = batch_list(calibration_data, "`calibration_data`", "a dict of tensors such as {'input_values': ..., "
+                         "'attention_mask': ...}")
     return [_checked_batch(model, index, batch) for index, batch in enumerate(batches)]
+
+
+def batch_list(data, name: str, batch: str) -> list:
+    """One batch (a mapping) or any iterable of batches (a list, a generator, a `DataLoader`) as a
+    non-empty list; `name` and `batch` (what a batch is) word the errors."""
+    if isinstance(data, Mapping):
+        batches = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (torch.Tensor, str, bytes)):
+        batches = list(data)
+    else:
+        raise TypeError(f"{name} must be a batch ({batch}) or an iterable of such batches (a list, a DataLoader), "
+                        f"got {type(data).__name__}.")
+    if not batches:
+        raise ValueError(f"{name} holds no batch.")
+    return batches
 
 
 def _checked_batch(model, index: int, batch) -> dict:

@@ -24,13 +24,14 @@ import copy
 import json
 import numbers
 import time as clock
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .evaluation_s4dss import evaluation_metrics
 from .reduction_methods import REDUCTION_METHODS
+from .refit import batch_list
 
 # the metric each problem type is judged by, and which metrics grow when the model gets worse
 DEFAULT_METRICS = {"single_label_classification": "accuracy", "multi_label_classification": "f1",
@@ -235,15 +236,7 @@ def _check_metric(metric, config) -> str:
 
 def _validation_batches(validation_data) -> list[dict]:
     """The validation batches as dicts of tensors, each with `labels`."""
-    if isinstance(validation_data, Mapping):
-        batches = [validation_data]
-    elif isinstance(validation_data, Iterable) and not isinstance(validation_data, (torch.Tensor, str, bytes)):
-        batches = list(validation_data)
-    else:
-        raise TypeError("shrink: `validation_data` must be a batch (a dict of tensors with `labels`) or an iterable "
-                        f"of such batches (a list, a DataLoader), got {type(validation_data).__name__}.")
-    if not batches:
-        raise ValueError("shrink: `validation_data` holds no batch.")
+    batches = batch_list(validation_data, "shrink: `validation_data`", "a dict of tensors with `labels`")
     checked = []
     for index, batch in enumerate(batches):
         if not isinstance(batch, Mapping):

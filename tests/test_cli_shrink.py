@@ -4,6 +4,7 @@ metrics, retraining, resuming, and one-line errors that write nothing."""
 import json
 
 import pytest
+from test_cli_user_data import run
 from test_user_data import series_frame, write
 
 from s4bt_hf import S4DSSForSequenceClassification
@@ -12,15 +13,6 @@ from s4bt_hf.shrink_search import ShrinkReport
 
 TINY = ["--d-model", "8", "--n-layers", "2", "--d-state", "4", "--train-samples", "64", "--batch-size", "32",
         "--no-progress"]
-
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
