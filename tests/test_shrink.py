@@ -168,6 +168,9 @@ def test_training_mode_is_restored():
     model = _model().train()
     model.shrink(_batches(model), 0.1, methods="last")
     assert model.training
+    with pytest.raises(ValueError, match="does not fit the model"):  # also when the search fails
+        model.shrink([{"input_values": torch.randn(2, 5, 1), "labels": torch.tensor([0, 7])}], methods="last")
+    assert model.training
 
 
 @pytest.mark.parametrize("arguments, message", [
