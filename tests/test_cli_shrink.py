@@ -55,6 +55,18 @@ def test_shrink_writes_the_chosen_model_its_report_and_test_metrics(tmp_path, ca
     code, _, err = run(capsys, "shrink", "--model", str(trained), "--task", "smnist", "--max-drop", "1",
                        "--output", str(output), "--no-progress")
     assert code == 2 and "other settings (max_drop" in err
+    # cut off after saving the model but before the report: the search is done again
+    (output / "shrink_report.json").unlink()
+    code, out, err = run(capsys, "shrink", "--model", str(trained), "--task", "smnist", "--train-samples", "64",
+                         "--max-drop", "2", "--methods", "last", "--refit", "no", "--output", str(output),
+                         "--no-progress")
+    assert code == 2 and "other settings (methods, refit, refit_samples)" in err  # settings still guard it
+    code, out, err = run(capsys, "shrink", "--model", str(trained), "--task", "smnist", "--train-samples", "64",
+                         "--max-drop", "2", "--methods", "balanced_truncation", "last", "--refit", "both",
+                         "--refit-samples", "16", "--output", str(output), "--no-progress")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["evaluations"] == summary["evaluations"]
+    assert (output / "shrink_report.json").is_file() and (output / "shrunk" / "config.json").is_file()
 
 
 def test_shrink_on_a_user_file(tmp_path, capsys):

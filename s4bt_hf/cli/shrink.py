@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from ..data import TASK_INFOS
 from ..reduction_methods import REDUCTION_METHODS
@@ -106,6 +107,8 @@ def command_shrink(args) -> dict:
         if "test" in splits and len(splits["test"]):
             test = {"original": evaluate_dataset(model, splits["test"], args.batch_size, collate),
                     "shrunk": evaluate_dataset(shrunk, splits["test"], args.batch_size, collate)}
+        if os.path.isdir(shrunk_folder):  # saved by this shrink, cut off before its report: redone
+            shutil.rmtree(shrunk_folder)
         save_model_folder(shrunk, shrunk_folder, args.model, "the shrunk model")
         summary = {"settings": settings, "search": report.to_dict(), "test": test}
         with open(report_path + ".tmp", "w", encoding="utf-8") as handle:
