@@ -160,45 +160,40 @@ def shrink_model(model, validation_data, max_drop: float = 0.005, *, methods=Non
         original_value = _evaluate(model, batches, metric, config)
         threshold = acceptance_threshold(metric, original_value, max_drop)
         samples = sum(int(_batch_size(batch)) for batch in batches)
-        candidates, results = [], {}
-        best = None  # (m, candidate index, model)
+        candidates = []
+        # the smallest accepted so far: {"modes", "index", "model"}. Bisection only accepts below the
+        # last accepted size, and each later pair searches below it, so every accept is the new best.
+        best = {}
         say = log or (lambda message: None)
+
+        def accepts(modes, method, with_refit):
+            tick = clock.perf_counter()
+            reduced = model.reduce(method, budget=modes * config.d_model,
+                                   calibration_data=calibration_data if with_refit else None, **reduce_options)
+            value = _evaluate(reduced, batches, metric, reduced.config)
+            accepted = is_accepted(metric, value, threshold)
+            candidates.append(ShrinkCandidate(
+                method=method, refit=with_refit, modes_per_channel=modes, states=modes * config.d_model,
+                states_removed=1 - modes / original_modes, value=value, accepted=accepted,
+                ranks=list(reduced.config.layer_d_states), seconds=round(clock.perf_counter() - tick, 3)))
+            if accepted:
+                best.update(modes=modes, index=len(candidates) - 1, model=reduced)
+            say(f"shrink: {method}{' + refit' if with_refit else ''}, {modes * config.d_model} states: "
+                f"{metric} {value:.4f} ({'accepted' if accepted else 'refused'})")
+            return accepted
 
         for method in methods:
             for with_refit in refits:
-                def accepts(modes, method=method, with_refit=with_refit):
-                    tick = clock.perf_counter()
-                    reduced = model.reduce(method, budget=modes * config.d_model,
-                                           calibration_data=calibration_data if with_refit else None, **reduce_options)
-                    value = _evaluate(reduced, batches, metric, reduced.config)
-                    accepted = is_accepted(metric, value, threshold)
-                    candidates.append(ShrinkCandidate(
-                        method=method, refit=with_refit, modes_per_channel=modes, states=modes * config.d_model,
-                        states_removed=1 - modes / original_modes, value=value, accepted=accepted,
-                        ranks=list(reduced.config.layer_d_states), seconds=round(clock.perf_counter() - tick, 3)))
-                    results[len(candidates) - 1] = reduced
-                    say(f"shrink: {method}{' + refit' if with_refit else ''}, {modes * config.d_model} states: "
-                        f"{metric} {value:.4f} ({'accepted' if accepted else 'refused'})")
-                    return accepted
-
-                ceiling = original_modes if best is None else best[0] - 1
-                found = smallest_accepted(accepts, lowest, ceiling)
-                if found is not None:
-                    index = next(i for i in range(len(candidates) - 1, -1, -1)
-                                 if candidates[i].method == method and candidates[i].refit == with_refit
-                                 and candidates[i].modes_per_channel == found)
-                    best = (found, index, results[index])
-                results.clear()  # only the best model is returned: the others' memory goes
+                ceiling = best["modes"] - 1 if best else original_modes
+                smallest_accepted(lambda modes, m=method, r=with_refit: accepts(modes, m, r), lowest, ceiling)
     finally:
         model.train(was_training)
-    if best is None:
-        shrunk = copy.deepcopy(model)  # as it was, its own compression report (if any) included
-    else:
-        shrunk = best[2]
+    # nothing within the tolerance: a copy as it was, its own compression report (if any) included
+    shrunk = best["model"] if best else copy.deepcopy(model)
     shrunk.shrink_report = ShrinkReport(
         metric=metric, original_value=original_value, max_drop=max_drop, threshold=threshold,
         original_states=original_modes * config.d_model, methods=list(methods), refit=list(refits),
-        candidates=candidates, chosen=None if best is None else best[1], validation_samples=samples,
+        candidates=candidates, chosen=best.get("index"), validation_samples=samples,
         seconds=round(clock.perf_counter() - started, 3))
     return shrunk
 

@@ -2,29 +2,16 @@
 `bench/bench_compression.py --quick`). Nothing here is timed: the benchmark's numbers are read
 from its JSON line, never compared with a time."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_compression.py"
+from bench_runner import run_bench
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_quick_compression_benchmark_reports_its_breakdown(bidirectional):
-    command = [sys.executable, str(BENCH), "--quick", "--threads", "2", "--d-state", "8", "--rank", "2"]
-    if bidirectional:
-        command.append("--bidirectional")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1, "the benchmark prints exactly one JSON line on stdout"
-    report = json.loads(lines[0])
+    report = run_bench("bench_compression.py", "--quick", "--threads", "2", "--d-state", "8", "--rank", "2",
+                       *(["--bidirectional"] if bidirectional else []))
     assert report["bidirectional"] is bidirectional and report["rank"] == 2 and report["d_state"] == 8
     one_layer = report["breakdown"]["one_layer"]
     for step in ("gramians", "cholesky", "hankel_decomposition", "reduce_to_modes_serial"):

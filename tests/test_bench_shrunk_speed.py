@@ -3,14 +3,10 @@ a budget reduction and a saved reduced model, without the slow ONNX export) and 
 of its JSON line. Nothing here is timed: no measured time is compared."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from bench_runner import run_bench
 
 from s4bt_hf import S4DSSForSequenceClassification
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_shrunk_speed.py"
 
 
 def test_speed_benchmark_reports_every_model_against_the_original(tmp_path, token_config):
@@ -20,15 +16,9 @@ def test_speed_benchmark_reports_every_model_against_the_original(tmp_path, toke
     torch_seeded.reduce("balanced_truncation", rank=1).save_pretrained(shrunk)
     accuracy = tmp_path / "accuracy.json"
     accuracy.write_text(json.dumps({"original": 0.9, str(shrunk): 0.7}))
-    command = [sys.executable, str(BENCH), "--model", str(original), "--shrunk", str(shrunk), "--budgets", "0.5",
-               "--accuracy-json", str(accuracy), "--length", "16", "--steps", "12", "--batch", "2", "--repeats", "1",
-               "--no-onnx"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1, "the benchmark prints exactly one JSON line on stdout"
-    report = json.loads(lines[0])
+    report = run_bench("bench_shrunk_speed.py", "--model", str(original), "--shrunk", str(shrunk), "--budgets", "0.5",
+                       "--accuracy-json", str(accuracy), "--length", "16", "--steps", "12", "--batch", "2",
+                       "--repeats", "1", "--no-onnx")
     assert report["threads"] == 1 and report["onnx"] is False and report["original"]["input"] == "input_ids"
     models = report["models"]
     assert list(models) == ["original", "bt_0.5", str(shrunk)]

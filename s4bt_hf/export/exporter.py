@@ -270,10 +270,6 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
     state_elements = sum(int(torch.Size(shape[1:]).numel()) for shape in module.state_shapes(1))
     state_bytes = sum(int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
                       for shape, dtype in zip(module.state_shapes(1), module.state_dtypes(), strict=True))
-    versions = {"torch": torch.__version__}
-    if format == "onnx":
-        for name in ("onnx", "onnxscript", "onnxruntime"):
-            versions[name] = importlib.import_module(name).__version__
     return {
         "format": format,
         "mode": "streaming",
@@ -289,8 +285,14 @@ def describe(model, module, format: str, int8: bool, opset) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "state_elements_per_sequence": state_elements,
         "state_bytes_per_sequence": state_bytes,
-        "versions": versions,
+        "versions": runtime_versions(format),
     }
+
+
+def runtime_versions(format: str) -> dict:
+    """The versions export.json records: torch, and for ONNX the exporter's and runtime's packages."""
+    names = ("onnx", "onnxscript", "onnxruntime") if format == "onnx" else ()
+    return {"torch": torch.__version__, **{name: importlib.import_module(name).__version__ for name in names}}
 
 
 def model_description(model, module, d_states: list, **extra) -> dict:

@@ -13,7 +13,6 @@ Not part of the remote code of checkpoints: only `s4bt_hf.export` imports it.
 from __future__ import annotations
 
 import copy
-import importlib
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from ..real_convolution_s4dss import (  # noqa: F401
     real_powers,
 )
 from ..real_convolution_s4dss import real_convolution_chunk as whole_sequence_chunk
-from .exporter import GRAPH_FILES, _dtype_name, model_description
+from .exporter import GRAPH_FILES, _dtype_name, model_description, runtime_versions
 
 
 class RealSequenceKernel(nn.Module):
@@ -259,10 +258,6 @@ def describe_whole_sequence(model, module: WholeSequenceModule, format: str, ops
         output = {"name": "last_hidden_state", "shape": ["batch", "length", config.d_model],
                   "meaning": "hidden state at every position (padded positions: not meaningful)"}
     output["dtype"] = _dtype_name(module.output_dtype)
-    versions = {"torch": torch.__version__}
-    if format == "onnx":
-        for name in ("onnx", "onnxscript", "onnxruntime"):
-            versions[name] = importlib.import_module(name).__version__
     return {
         "format": format,
         "mode": "whole_sequence",
@@ -277,7 +272,7 @@ def describe_whole_sequence(model, module: WholeSequenceModule, format: str, ops
                                    bidirectional=bool(config.bidirectional)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "chunk": [block.kernel.chunk for block in module.blocks],
-        "versions": versions,
+        "versions": runtime_versions(format),
     }
 
 
