@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--hankel-weights", type=positive_float, nargs="+", default=[1e-3, 1e-2, 1e-1],
                            help="with --compression-aware: the λ grid tried on the first seed (default 1e-3 1e-2 1e-1)",
                            metavar="LAMBDA")
+    reproduce.add_argument("--in-training-ranks", type=positive_int, nargs="*", metavar="RANK",
+                           help="with --compression-aware: the ranks of the reduction-during-training arm (default: "
+                           "every rank; none given: no such arm), e.g. 8 to keep a strong run within hours")
     reproduce.add_argument("--no-progress", action="store_true")
     add_user_data_options(reproduce, "the experiment")
 
@@ -701,7 +704,12 @@ def command_reproduce(args) -> dict:
     elif args.ranks is not None:
         budget.equal_total_ranks = [rank for rank in budget.equal_total_ranks if rank in args.ranks]
     try:
-        aware = CompressionAware(hankel_weights=tuple(args.hankel_weights)) if args.compression_aware else None
+        if args.in_training_ranks is not None and not args.compression_aware:
+            raise CliError("--in-training-ranks chooses ranks of the compression-aware arms: it needs "
+                           "--compression-aware")
+        aware = CompressionAware(hankel_weights=tuple(args.hankel_weights),
+                                 in_training_ranks=None if args.in_training_ranks is None
+                                 else tuple(args.in_training_ranks)) if args.compression_aware else None
         results = reproduce(task=args.task, output=args.output, budget=budget, progress=not args.no_progress,
                             log=lambda message: print(message, file=sys.stderr, flush=True), budget_name=args.budget,
                             compression_aware=aware)

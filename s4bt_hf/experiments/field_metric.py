@@ -7,6 +7,9 @@ originals (budgets with `peer_comparison` / `shrink_drops`, e.g. `--budget stron
                      validation, reported on test; `states_removed.py`)
     shrink-s<seed>   `model.shrink` at each of `shrink_drops` (every method, with and without the
                      refit): the smallest model within the drop on validation, its test accuracy
+    hankel-peers-s<seed>-w<λ>
+                     with `--compression-aware`: the same curves for the Hankel-regularised
+                     originals (the balanced methods, LAST and AIRE), hankelreg's setting
 
 Each stage is cached like the others (its configuration's hash in the folder name).
 """
@@ -27,11 +30,16 @@ from .states_removed import (
     DEFAULT_DROPS,
     DEFAULT_KEPT_FRACTIONS,
     measure_states_removed,
+    states_removed_at,
     states_removed_table,
     summarise_states_removed,
 )
 
 CALIBRATION_SAMPLES = 200  # training examples of the refit, as in `s4bt compare-reductions`
+# the Hankel-regularised originals: the methods the penalty is for (balanced), and the two peers;
+# modal truncation, which ignores the penalty's coupling of modes, is left out to halve the stage
+REGULARISED_VARIANTS = tuple(variant for variant in DEFAULT_VARIANTS
+                             if variant[0] in ("balanced_truncation", "singular_perturbation", "h2", "last", "aire"))
 
 
 def peer_stage(experiment, seed: int, epochs: int, original: dict) -> dict:
@@ -41,7 +49,19 @@ def peer_stage(experiment, seed: int, epochs: int, original: dict) -> dict:
               "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
               "calibration_samples": CALIBRATION_SAMPLES}
     return experiment.stage(f"peers-s{seed}-e{epochs}", config, _measure, experiment=experiment,
-                            label=f"seed {seed}", path=original["model"])
+                            label=f"seed {seed}", path=original["model"], variants=DEFAULT_VARIANTS)
+
+
+def regularised_peer_stage(experiment, seed: int, epochs: int, weight: float, original: dict) -> dict:
+    """The `hankel-peers-s<seed>-e<epochs>-w<λ>` stage: the curves of `peer_stage` for a
+    Hankel-regularised original, with `REGULARISED_VARIANTS`; drops against that original."""
+    config = {**experiment.common, "original": original["model"], "hankel_weight": weight,
+              "variants": [list(variant) for variant in REGULARISED_VARIANTS],
+              "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
+              "calibration_samples": CALIBRATION_SAMPLES}
+    return experiment.stage(f"hankel-peers-s{seed}-e{epochs}-w{weight:g}", config, _measure, experiment=experiment,
+                            label=f"seed {seed}, Hankel-regularised", path=original["model"],
+                            variants=REGULARISED_VARIANTS)
 
 
 def collect_peers(stages: list[dict]) -> dict:
@@ -52,9 +72,34 @@ def collect_peers(stages: list[dict]) -> dict:
             "drops": list(DEFAULT_DROPS)}
 
 
-def _measure(folder: str, experiment, label: str, path: str) -> dict:
+def collect_regularised_peers(stages: list[dict], weight: float, plain: list[dict] | None) -> dict:
+    """The regularised peer stages together (`collect_peers`), with the states removed against the
+    unregularised originals when their peer stages (`plain`, same seeds in order) ran."""
+    collected = {**collect_peers(stages), "hankel_weight": weight}
+    if plain:
+        vs_plain = against_unregularised(stages, plain)
+        collected.update(states_removed_vs_unregularised=vs_plain,
+                         summary_vs_unregularised=summarise_states_removed(vs_plain))
+    return collected
+
+
+def against_unregularised(regularised: list[dict], plain: list[dict]) -> list[dict]:
+    """The states removed from each regularised original (`regularised_peer_stage` results), with
+    the drop measured against the UNREGULARISED original of the same seed (`peer_stage` results, in
+    the same order): what the penalty and the reduction cost together."""
+    entries = []
+    for mine, reference in zip(regularised, plain, strict=True):
+        samples = reference["test_samples"]
+        original = {"validation_accuracy": reference["original_validation_accuracy"],
+                    "test_accuracy": reference["original_test_accuracy"],
+                    "test_correct": round(reference["original_test_accuracy"] * samples)}
+        entries += states_removed_at(mine["curve"], original, DEFAULT_DROPS)
+    return entries
+
+
+def _measure(folder: str, experiment, label: str, path: str, variants) -> dict:
     model = S4DSSForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    return measure_states_removed(label, model, experiment.splits, experiment.collate, DEFAULT_VARIANTS, (False, True),
+    return measure_states_removed(label, model, experiment.splits, experiment.collate, variants, (False, True),
                                   DEFAULT_KEPT_FRACTIONS, DEFAULT_DROPS, _calibration(experiment),
                                   experiment.budget.eval_batch_size, experiment.log)
 
@@ -100,11 +145,21 @@ def _shrink(folder: str, experiment, path: str, drop: float) -> dict:
             "evaluations": report.evaluations, "search_seconds": report.seconds, "report": report.to_dict()}
 
 
-def field_metric_tables(peers: dict | None, shrink_rows: list[dict]) -> str:
-    """results.md's part: the states-removed table and the shrink results."""
+def field_metric_tables(peers: dict | None, shrink_rows: list[dict], regularised: dict | None = None) -> str:
+    """results.md's part: the states-removed table, the shrink results and, with `regularised`
+    (`collect_regularised_peers`), the tables of the Hankel-regularised originals."""
     parts = []
     if peers:
         parts.append(states_removed_table(peers["summary"], peers["drops"], peers["test_samples"]))
+    if regularised:
+        weight = f"{regularised['hankel_weight']:g}"
+        parts.append(f"Hankel-regularised originals (λ = {weight}), the drop against each regularised original:\n\n"
+                     + states_removed_table(regularised["summary"], regularised["drops"], regularised["test_samples"]))
+        if regularised.get("summary_vs_unregularised"):
+            parts.append(f"Hankel-regularised originals (λ = {weight}), the drop against the UNREGULARISED original "
+                         "of the same seed (the penalty's cost counted too):\n\n"
+                         + states_removed_table(regularised["summary_vs_unregularised"], regularised["drops"],
+                                                regularised["test_samples"]))
     if shrink_rows:
         lines = ["`model.shrink` (every method, with and without the refit; validation-chosen, test-reported):", "",
                  "| seed | max drop (pt) | method | refit | states kept | removed | validation (original) "

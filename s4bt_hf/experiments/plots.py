@@ -52,8 +52,12 @@ def plot_accuracy_vs_parameters(results: dict, path: str) -> None:
     if "hankel_reduced" in entries[0]:  # the compression-aware arms
         for key, label, marker in (("hankel_reduced", "Hankel-regularised, truncated, no retraining", "D"),
                                    ("reduced_during_training", "reduced during training", "v")):
-            axis.errorbar(params, [100 * entry[key]["mean"] for entry in entries],
-                          yerr=[100 * entry[key]["std"] for entry in entries], marker=marker, capsize=3, label=label)
+            measured = [entry for entry in entries if entry[key] is not None]  # in_training_ranks may skip some
+            if measured:
+                axis.errorbar([entry["ssm_parameters"] for entry in measured],
+                              [100 * entry[key]["mean"] for entry in measured],
+                              yerr=[100 * entry[key]["std"] for entry in measured], marker=marker, capsize=3,
+                              label=label)
         for method in entries[0].get("hankel_other_methods", {}):
             stats = [entry["hankel_other_methods"][method]["reduced"] for entry in entries]
             axis.errorbar(params, [100 * stat["mean"] for stat in stats], yerr=[100 * stat["std"] for stat in stats],

@@ -17,7 +17,9 @@ and, with `compression_aware` (`CompressionAware`, `s4bt reproduce --compression
 
     hankel-pretrain  originals trained with the Hankel penalty (λ grid on the first seed, then λ*)
     hankel-reduce    those reduced to every rank by balanced truncation, not retrained
-    reduce-during    new models reduced to each rank during training (the BT arm's total epochs)
+    hankel-peers     (with `peer_comparison`) their states removed at <= 0.5 / 1 point
+    reduce-during    new models reduced to each rank (of `in_training_ranks`) during training (the
+                     BT arm's total epochs)
 
 and, with a budget's `peer_comparison` / `shrink_drops` (`--budget strong`; `field_metric.py`):
 
@@ -55,7 +57,14 @@ from ..model_card import render_model_card
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import ReductionSchedule, TrainingConfig, evaluate_dataset, train
-from .field_metric import collect_peers, field_metric_tables, peer_stage, shrink_stages
+from .field_metric import (
+    collect_peers,
+    collect_regularised_peers,
+    field_metric_tables,
+    peer_stage,
+    regularised_peer_stage,
+    shrink_stages,
+)
 
 STAGES_DIR = "stages"
 
@@ -113,9 +122,12 @@ class CompressionAware:
         none is, the λ with the best original);
         The same originals are also reduced by each of `other_methods` (`REDUCTION_METHODS`),
         without retraining, for comparison; λ is chosen with balanced truncation only.
+        With the budget's `peer_comparison`, each regularised original also gets the peers'
+        curves and the states removed at <= 0.5 / 1 point (`regularised_peer_stage`).
     (b) reduction during training (`ReductionSchedule(at=reduce_at, rank=r)`): a new N-mode model
         of each seed trained for as many epochs as the BT arm's pre-training and main training
-        together, reduced to rank r after the fraction `reduce_at` of the run.
+        together, reduced to rank r after the fraction `reduce_at` of the run; r runs over
+        `in_training_ranks` (None: every rank of the budget; empty: no such arm).
     """
 
     hankel_weights: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
@@ -125,6 +137,7 @@ class CompressionAware:
     selection_rank: int | None = None  # None: the middle of the ranks (8 of 2, 4, 8, 16)
     tolerance: float = 0.01
     reduce_at: float = 0.1
+    in_training_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         weights = tuple(self.hankel_weights)
@@ -147,9 +160,17 @@ class CompressionAware:
             raise ValueError(f"CompressionAware: `tolerance` must be in [0, 1], got {self.tolerance!r}.")
         if not (isinstance(self.reduce_at, float) and 0 < self.reduce_at < 1):
             raise ValueError(f"CompressionAware: `reduce_at` must be a fraction in (0, 1), got {self.reduce_at!r}.")
+        if self.in_training_ranks is not None:
+            ranks = tuple(self.in_training_ranks)
+            if any(isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 for rank in ranks):
+                raise ValueError(f"CompressionAware: `in_training_ranks` must be ints >= 1, got {ranks!r}.")
+            object.__setattr__(self, "in_training_ranks", ranks)
 
     def rank_for_selection(self, ranks: list[int]) -> int:
         return self.selection_rank if self.selection_rank is not None else sorted(ranks)[len(ranks) // 2]
+
+    def ranks_in_training(self, ranks: list[int]) -> list[int]:
+        return list(ranks) if self.in_training_ranks is None else list(self.in_training_ranks)
 
 
 class StageCache:
@@ -289,7 +310,7 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
         shrink_rows += shrink_stages(experiment, seed, epochs, originals[-1])
     peers = collect_peers(peer_results) if peer_results else None
     if compression_aware is not None:  # right after the originals, which is all they need
-        hankel = _hankel_arm(experiment, compression_aware, originals)
+        hankel = _hankel_arm(experiment, compression_aware, originals, peer_results)
         in_training = _in_training_arm(experiment, compression_aware)
     rows = _compress_and_retrain(experiment, originals)
     baselines = _train_baselines(experiment)
@@ -303,6 +324,8 @@ def reproduce(task: str = "smnist", output: str = "runs/reproduce", budget: str 
     if compression_aware is not None:
         _summarise_compression_aware(results, compression_aware, hankel, in_training)
         regularised_rows = hankel["rows"]
+        if hankel["peers"] is not None:
+            results["compression_aware"]["peers"] = hankel["peers"]
     _write_outputs(experiment.output, results, rows, budget, task, regularised_rows)
     return results
 
@@ -426,9 +449,11 @@ def choose_hankel_weight(grid: list[dict], reference_accuracy: float, tolerance:
     return best["weight"]
 
 
-def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: list[dict]) -> dict:
+def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: list[dict],
+                plain_peers: list[dict]) -> dict:
     """Arm (a): λ chosen on seed 0's validation split, then every seed trained with it and reduced
-    to every rank without retraining."""
+    to every rank without retraining (with the budget's `peer_comparison`, also to its grid of
+    model-wide budgets by every balanced method and the peers: `regularised_peer_stage`)."""
     budget = experiment.budget
     selection_rank = settings.rank_for_selection(budget.ranks)
     (seed, epochs), reference = budget.originals[0], originals[0]
@@ -443,9 +468,11 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
                  "unregularised_validation_accuracy": reference["validation_accuracy"], "grid": grid,
                  "chosen_weight": chosen}
     experiment.log(f"hankel weight chosen on validation: {chosen:g} (grid {grid})")
-    rows, other_rows, models = [], [], []
+    rows, other_rows, models, peer_results = [], [], [], []
     for (seed, epochs), plain in zip(budget.originals, originals, strict=True):
         original = _pretrain(experiment, seed, epochs, chosen, settings.hankel_every, settings.hankel_reuse)
+        if budget.peer_comparison:
+            peer_results.append(regularised_peer_stage(experiment, seed, epochs, chosen, original))
         models.append({"seed": seed, "epochs": epochs, "hankel_weight": chosen,
                        "validation_accuracy": original["validation_accuracy"],
                        "test_accuracy": original["test_accuracy"],
@@ -462,17 +489,18 @@ def _hankel_arm(experiment: _Experiment, settings: CompressionAware, originals: 
                     rows.append({**row, "hsv": reduced["hsv"]})
                 else:
                     other_rows.append({**row, "method": method})
-    return {"selection": selection, "rows": rows, "other_rows": other_rows, "originals": models}
+    peers = collect_regularised_peers(peer_results, chosen, plain_peers) if peer_results else None
+    return {"selection": selection, "rows": rows, "other_rows": other_rows, "originals": models, "peers": peers}
 
 
 def _in_training_arm(experiment: _Experiment, settings: CompressionAware) -> list[dict]:
-    """Arm (b): a new N-mode model per seed, reduced to each rank during training, with the BT arm's
-    total number of epochs (its original's pre-training + main training)."""
+    """Arm (b): a new N-mode model per seed, reduced to each rank of `in_training_ranks` during
+    training, with the BT arm's total number of epochs (its original's pre-training + main training)."""
     budget = experiment.budget
     rows = []
     for seed, epochs in budget.originals:
         total = epochs + budget.main_epochs
-        for rank in budget.ranks:
+        for rank in settings.ranks_in_training(budget.ranks):
             schedule = ReductionSchedule(at=settings.reduce_at, rank=rank)
             config = {**experiment.common, "recipe": experiment.recipe, "seed": seed, "epochs": total,
                       "d_state": budget.d_state, "reduction": schedule.to_dict()}
@@ -494,6 +522,10 @@ def _check_budget(budget: Budget, compression_aware: CompressionAware | None = N
     if compression_aware is not None and not 1 <= compression_aware.rank_for_selection(budget.ranks) <= budget.d_state:
         raise ValueError(f"the rank that selects the Hankel weight must lie in [1, d_state={budget.d_state}], got "
                          f"{compression_aware.selection_rank}")
+    if compression_aware is not None and any(rank not in budget.ranks
+                                             for rank in compression_aware.ranks_in_training(budget.ranks)):
+        raise ValueError(f"in_training_ranks {list(compression_aware.in_training_ranks)} must be among the ranks "
+                         f"{budget.ranks}")
 
 
 def _compress(folder: str, experiment: _Experiment, original: dict, rank: int, with_validation: bool = False,
@@ -599,8 +631,9 @@ def _summarise_compression_aware(results: dict, settings: CompressionAware, hank
             entry.setdefault("hankel_other_methods", {})[method] = {
                 "reduced": _mean_std([row["reduced_test_accuracy"] for row in others]),
                 "keep_ratio": _mean_std(other_ratios) if other_ratios else None}
-        entry["reduced_during_training"] = _mean_std([row["test_accuracy"] for row in during])
-        entry["reduced_during_training_ssm_parameters"] = during[0]["ssm_parameters"]
+        # None at the ranks left out of `in_training_ranks`
+        entry["reduced_during_training"] = _mean_std([row["test_accuracy"] for row in during]) if during else None
+        entry["reduced_during_training_ssm_parameters"] = during[0]["ssm_parameters"] if during else None
     results["compression_aware"] = {
         "settings": asdict(settings),
         "hankel_selection": hankel["selection"],
@@ -691,8 +724,10 @@ def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget,
     table = results_table(results)
     with open(os.path.join(output, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
-        if "peers" in results or "shrink" in results:
-            handle.write("\n" + field_metric_tables(results.get("peers"), results.get("shrink", [])))
+        regularised_peers = results.get("compression_aware", {}).get("peers")
+        if "peers" in results or "shrink" in results or regularised_peers:
+            handle.write("\n" + field_metric_tables(results.get("peers"), results.get("shrink", []),
+                                                     regularised_peers))
     from .plots import (
         plot_accuracy_vs_parameters,
         plot_hsv_decay,
@@ -702,6 +737,8 @@ def _write_outputs(output: str, results: dict, rows: list[dict], budget: Budget,
 
     if "peers" in results:
         plot_states_vs_accuracy(results["peers"]["curves"], os.path.join(output, "states_vs_accuracy.png"))
+    if regularised_peers:
+        plot_states_vs_accuracy(regularised_peers["curves"], os.path.join(output, "states_vs_accuracy_hankel.png"))
 
     plot_hsv_decay(rows, os.path.join(output, "hsv_decay.png"), regularised_rows)
     plot_accuracy_vs_parameters(results, os.path.join(output, "accuracy_vs_params.png"))
