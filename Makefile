@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check s4bt_hf tests bench examples
 
+# Two workers (pytest-xdist), each module on one of them (--dist loadfile): a module's shared exports and
+# training runs are built once. `pytest -q` alone runs the same tests in one process.
 test: lint
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The paper's experiment on sMNIST (about 15 minutes on 2 CPU cores); results in runs/reproduce/.
 reproduce: $(STAMP)

@@ -8,7 +8,10 @@ never write into the user's Hugging Face cache (remote-code modules land in a th
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 _HF_HOME = tempfile.mkdtemp(prefix="s4bt-hf-test-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,6 +23,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 TEST_HF_HOME = _HF_HOME
+
+# Under `make test` (pytest-xdist, --dist loadfile) each module runs whole on one worker, in collection
+# order: the longest modules go first, so that neither worker is left alone with one of them at the end.
+LONGEST_MODULES = ("test_whole_sequence_export.py", "test_compression_aware_training.py",
+                   "test_transformers_exporters.py", "test_accelerate_trainer.py", "test_run_folder_safety.py",
+                   "test_cli_user_data.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: position for position, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
 def _token_config(**overrides):
@@ -82,3 +96,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_child_run(tmp_path_factory):
+    """`train_child.py` with its defaults, never interrupted: the reference that the resume tests of
+    several modules compare against (one child process, not one per test). Read it, never write it."""
+    folder = tmp_path_factory.mktemp("child") / "uninterrupted"
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("train_child.py")), str(folder)],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
