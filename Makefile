@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check s4bt_hf tests bench examples
 
-# Two workers (pytest-xdist), each module on one of them (--dist loadfile): a module's shared exports and
-# training runs are built once. `pytest -q` alone runs the same tests in one process.
+# On an otherwise idle multi-core machine, `make test PYTEST_FLAGS="-n 2 --dist loadfile"` splits the modules
+# over two pytest-xdist workers (each module whole on one: its shared exports and runs are built once). Not
+# the default: on a shared 2-core machine it was slower than one process (the workers only contend).
+PYTEST_FLAGS ?=
 test: lint
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q $(PYTEST_FLAGS)
 
 # The paper's experiment on sMNIST (about 15 minutes on 2 CPU cores); results in runs/reproduce/.
 reproduce: $(STAMP)

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 TEST_HF_HOME = _HF_HOME
 
-# Under `make test` (pytest-xdist, --dist loadfile) each module runs whole on one worker, in collection
-# order: the longest modules go first, so that neither worker is left alone with one of them at the end.
+# Under pytest-xdist with --dist loadfile (see the Makefile's test target) each module runs whole on one
+# worker, in collection order: the longest go first, so that no worker is left alone with one at the end.
 LONGEST_MODULES = ("test_whole_sequence_export.py", "test_compression_aware_training.py",
                    "test_transformers_exporters.py", "test_accelerate_trainer.py", "test_run_folder_safety.py",
                    "test_cli_user_data.py")
