@@ -19,12 +19,8 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check s4bt_hf tests bench examples
 
-# On an otherwise idle multi-core machine, `make test PYTEST_FLAGS="-n 2 --dist loadfile"` splits the modules
-# over two pytest-xdist workers (each module whole on one: its shared exports and runs are built once). Not
-# the default: on a shared 2-core machine it was slower than one process (the workers only contend).
-PYTEST_FLAGS ?=
 test: lint
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q $(PYTEST_FLAGS)
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q
 
 # The paper's experiment on sMNIST (about 15 minutes on 2 CPU cores); results in runs/reproduce/.
 reproduce: $(STAMP)

@@ -24,17 +24,6 @@ import torch  # noqa: E402
 
 TEST_HF_HOME = _HF_HOME
 
-# Under pytest-xdist with --dist loadfile (see the Makefile's test target) each module runs whole on one
-# worker, in collection order: the longest go first, so that no worker is left alone with one at the end.
-LONGEST_MODULES = ("test_whole_sequence_export.py", "test_compression_aware_training.py",
-                   "test_transformers_exporters.py", "test_accelerate_trainer.py", "test_run_folder_safety.py",
-                   "test_cli_user_data.py")
-
-
-def pytest_collection_modifyitems(items):
-    first = {name: position for position, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
-
 
 def _token_config(**overrides):
     """A tiny config for token inputs (`input_ids`)."""

@@ -42,13 +42,11 @@ def eager_stream(model, key, inputs):
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = classifier()
     folder = tmp_path_factory.mktemp("export") / "onnx"
     description = export_model(model, folder, format="onnx", int8=True)
-    yield model, folder, description
-    torch.set_num_threads(threads)  # the modules after this one run as they would alone
+    return model, folder, description
 
 
 def test_onnx_export_equals_eager_streaming_over_1000_steps(onnx_export):

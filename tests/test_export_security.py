@@ -28,13 +28,11 @@ def token_classifier(seed=0):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """One ONNX export of a token classifier and one of another seed (for a swapped graph)."""
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("exports")
     export_model(token_classifier(0), root / "a", format="onnx")
     export_model(token_classifier(1), root / "b", format="onnx")
-    yield root
-    torch.set_num_threads(threads)  # the modules after this one run as they would alone
+    return root
 
 
 @pytest.fixture

@@ -158,14 +158,12 @@ def test_whole_sequence_module_holds_no_complex_tensor_and_is_a_frozen_copy():
 # ------------------------------------------------------------------ ONNX
 @pytest.fixture(scope="module")
 def onnx_exports(tmp_path_factory):
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("whole")
     models = {"classifier": value_classifier(), "backbone": token_backbone()}
     descriptions = {name: export_model(model, folder / name, format="onnx", whole_sequence=True)
                     for name, model in models.items()}
-    yield folder, models, descriptions
-    torch.set_num_threads(threads)  # the modules after this one run as they would alone
+    return folder, models, descriptions
 
 
 @pytest.mark.parametrize("name", ["classifier", "backbone"])
