@@ -8,7 +8,10 @@ never write into the user's Hugging Face cache (remote-code modules land in a th
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 _HF_HOME = tempfile.mkdtemp(prefix="s4bt-hf-test-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -82,3 +85,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_child_run(tmp_path_factory):
+    """`train_child.py` with its defaults, never interrupted: the reference that the resume tests of
+    several modules compare against (one child process, not one per test). Read it, never write it."""
+    folder = tmp_path_factory.mktemp("child") / "uninterrupted"
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("train_child.py")), str(folder)],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder

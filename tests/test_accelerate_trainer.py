@@ -35,13 +35,12 @@ def records(output_dir):
         return [json.loads(line) for line in handle]
 
 
-def test_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path):
+def test_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, uninterrupted_child_run):
     """SIGKILL in the middle of a step (the data loader kills the process), start again with the
     same command: the run resumes from its latest checkpoint and ends bit-identical to a run
     that was never interrupted, with the same metric log."""
     kill_at = random.Random(2024).randint(40, 180)  # samples fetched; 70 per epoch, 3 epochs
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    assert run_child(sys.executable, str(CHILD), str(uninterrupted)).returncode == 0
+    uninterrupted, interrupted = uninterrupted_child_run, tmp_path / "interrupted"
     killed = run_child(sys.executable, str(CHILD), str(interrupted), "--kill-at-sample", str(kill_at))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (interrupted / "final").exists()

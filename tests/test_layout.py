@@ -77,17 +77,16 @@ def test_checkpoint_saved_before_the_move_loads(tmp_path):
         torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
-def test_run_folder_written_before_the_move_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_run_folder_written_before_the_move_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted_child_run):
     """The legacy run was killed after its checkpoint at step 6; resumed by today's code it ends
     bit-identical to a run of today's code that was never interrupted."""
     resumed = shutil.copytree(LEGACY / "run", tmp_path / "resumed")
-    for folder in (resumed, tmp_path / "uninterrupted"):
-        result = subprocess.run([sys.executable, str(CHILD), str(folder)], capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, str(CHILD), str(resumed)], capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((resumed / "final" / "run_summary.json").read_text())
     assert summary["resumed_from"] == 6
-    first = load_file(tmp_path / "uninterrupted" / "final" / "model.safetensors")
+    first = load_file(uninterrupted_child_run / "final" / "model.safetensors")
     second = load_file(resumed / "final" / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
