@@ -7,7 +7,7 @@ originals (budgets with `peer_comparison` / `shrink_drops`, e.g. `--budget stron
                      validation, reported on test; `states_removed.py`)
     shrink-s<seed>   `model.shrink` at each of `shrink_drops` (every method, with and without the
                      refit): the smallest model within the drop on validation, its test accuracy
-    hankel-peers-s<seed>-w<λ>
+    hankel-peers-s<seed>-e<epochs>-w<λ>
                      with `--compression-aware`: the same curves for the Hankel-regularised
                      originals (the balanced methods, LAST and AIRE), hankelreg's setting
 
@@ -36,8 +36,8 @@ from .states_removed import (
 )
 
 CALIBRATION_SAMPLES = 200  # training examples of the refit, as in `s4bt compare-reductions`
-# the Hankel-regularised originals: the methods the penalty is for (balanced), and the two peers;
-# modal truncation, which ignores the penalty's coupling of modes, is left out to halve the stage
+# the Hankel-regularised originals: the methods the penalty is meant for (Hankel singular values)
+# and the two peers; the two modal truncations, which it does not target, are left out to save time
 REGULARISED_VARIANTS = tuple(variant for variant in DEFAULT_VARIANTS
                              if variant[0] in ("balanced_truncation", "singular_perturbation", "h2", "last", "aire"))
 
