@@ -23,6 +23,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 TEST_HF_HOME = _HF_HOME
+# One thread for the whole session: the tests' tiny models are dispatch-bound (more threads only spin,
+# on CI as on a shared machine), and no test's speed then depends on which modules ran before it.
+# The threaded reductions (`workers`) are tested by asking for workers explicitly.
+torch.set_num_threads(1)
 
 
 def _token_config(**overrides):
@@ -75,16 +79,6 @@ def spread_classifier():
 def hf_home():
     """The throwaway HF_HOME the whole test session runs with."""
     return TEST_HF_HOME
-
-
-@pytest.fixture
-def one_thread():
-    """Steps of a tiny model are dispatch-bound: more threads only spin on a shared machine.
-    Modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,6 @@ from s4bt_hf.export import ExportDependencyError, export_model, load_exported
 onnx = pytest.importorskip("onnx")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def classifier(seed=0, **overrides):
     torch.manual_seed(seed)
     fields = dict(input_dim=2, d_model=8, n_layers=2, d_state=[6, 4], norm="batch", num_labels=3,
@@ -42,7 +39,6 @@ def eager_stream(model, key, inputs):
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
-    torch.set_num_threads(1)
     model = classifier()
     folder = tmp_path_factory.mktemp("export") / "onnx"
     description = export_model(model, folder, format="onnx", int8=True)

@@ -14,7 +14,6 @@ from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification
 from s4bt_hf.export import ExportFolderError, export_model, load_exported
 
 pytest.importorskip("onnxruntime")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 16
 
@@ -28,7 +27,6 @@ def token_classifier(seed=0):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """One ONNX export of a token classifier and one of another seed (for a swapped graph)."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("exports")
     export_model(token_classifier(0), root / "a", format="onnx")
     export_model(token_classifier(1), root / "b", format="onnx")

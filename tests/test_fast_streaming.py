@@ -6,8 +6,6 @@ import torch
 from s4bt_hf import S4DSSConfig, S4DSSForSequenceClassification, S4DSSModel
 from s4bt_hf.modeling_s4dss import S4DSSStreamingState
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def stream(model, state, key, inputs):
     outputs = []

@@ -133,6 +133,20 @@ def test_workers_must_be_positive(token_config):
         model.balanced_truncate(rank=2, workers=-3)
 
 
+@pytest.mark.parametrize("method", ["balanced_truncation", "singular_perturbation"])
+def test_several_workers_reduce_exactly_as_one(token_config, method):
+    """The suite runs on one thread (conftest), so the threaded chunks are asked for explicitly:
+    every channel is reduced on its own, whichever worker takes it; the thread count comes back."""
+    torch.manual_seed(0)
+    model = S4DSSForSequenceClassification(token_config(d_model=24, d_state=6))
+    one = model.reduce(method, rank=3, workers=1)
+    threads = torch.get_num_threads()
+    several = model.reduce(method, rank=3, workers=3)
+    assert torch.get_num_threads() == threads
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(several.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_corrupt_compression_report_names_the_file_and_the_model_loads(tmp_path, token_config):
     model = S4DSSForSequenceClassification(token_config()).balanced_truncate(rank=2)
     model.save_pretrained(tmp_path)

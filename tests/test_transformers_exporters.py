@@ -31,8 +31,6 @@ from transformers.exporters import (  # noqa: E402
 )
 from transformers.exporters.utils import get_leaf_tensors  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 RELATIVE = 1e-4  # transformers' common test: atol = rtol = 1e-4 for torch.export (1e-3 for ONNX)
 TRACED = (2, 12)  # batch, length of the sample inputs every export is traced with
 OTHER_SHAPES = ((3, 5), (2, 37), (3, 70))  # lengths below, across and beyond the chunk of 32

@@ -23,7 +23,6 @@ from s4bt_hf.export.whole_sequence import FOLD_LIMIT, WholeSequenceModule, diago
 
 onnx = pytest.importorskip("onnx")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENGTHS = (16, 784, 4096, 16384)
 RELATIVE = 1e-4
@@ -158,7 +157,6 @@ def test_whole_sequence_module_holds_no_complex_tensor_and_is_a_frozen_copy():
 # ------------------------------------------------------------------ ONNX
 @pytest.fixture(scope="module")
 def onnx_exports(tmp_path_factory):
-    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("whole")
     models = {"classifier": value_classifier(), "backbone": token_backbone()}
     descriptions = {name: export_model(model, folder / name, format="onnx", whole_sequence=True)
