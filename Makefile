@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check s4bt_hf tests bench examples
 
+# One pytest worker per core (pytest-xdist; conftest keeps each on one thread), a module's tests on one
+# worker so that its shared fixtures are built once; the slowest tests listed at the end.
 test: lint
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 # The paper's experiment on sMNIST (about 15 minutes on 2 CPU cores); results in runs/reproduce/.
 reproduce: $(STAMP)
