@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s4bt-installed
 
-.PHONY: test lint demo reproduce reproduce-compression-aware bench install clean
+.PHONY: test lint demo reproduce reproduce-compression-aware reproduce-strong bench install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ reproduce: $(STAMP)
 # epochs of training (about 20 more minutes on a quiet 2-core machine; far longer on a shared one).
 reproduce-compression-aware: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --output runs/reproduce --compression-aware
+
+# The field's metric on strong originals (3 seeds of 4 x 64 x 64 modes, LAST and AIRE in the same run,
+# shrink, the compression-aware arms with reduction during training at rank 8, the paper's arms): about
+# 10 hours on 2 cores, resumable (docs/experiments.md, "Strong originals").
+reproduce-strong: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --budget strong --output runs/strong-smnist \
+		--compression-aware --in-training-ranks 8
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
