@@ -8,10 +8,7 @@ never write into the user's Hugging Face cache (remote-code modules land in a th
 import atexit
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 _HF_HOME = tempfile.mkdtemp(prefix="s4bt-hf-test-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -21,6 +18,7 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from child_runs import run_train_child  # noqa: E402
 
 TEST_HF_HOME = _HF_HOME
 # One thread for the whole session: the tests' tiny models are dispatch-bound (more threads only spin,
@@ -86,7 +84,6 @@ def uninterrupted_child_run(tmp_path_factory):
     """`train_child.py` with its defaults, never interrupted: the reference that the resume tests of
     several modules compare against (one child process, not one per test). Read it, never write it."""
     folder = tmp_path_factory.mktemp("child") / "uninterrupted"
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("train_child.py")), str(folder)],
-                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = run_train_child(str(folder))
     assert result.returncode == 0, result.stderr[-3000:]
     return folder

@@ -5,12 +5,10 @@ and bad input refused before any training step."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from child_runs import run_train_child
 from safetensors.torch import load_file
 from train_child import toy_dataset
 from transformers import TrainingArguments
@@ -19,8 +17,6 @@ import s4bt_hf
 from s4bt_hf.cli import main as cli_main
 from s4bt_hf.training import ReductionSchedule, S4DSSTrainer, TrainingConfig, latest_checkpoint, train
 from s4bt_hf.training.reduction_schedule import reduce_during_training, swap_optimizer_parameters
-
-CHILD = Path(__file__).with_name("train_child.py")
 
 
 def tiny_model(d_state=4, seed=0, **overrides):
@@ -167,11 +163,6 @@ def test_budget_schedule_in_the_accelerate_loop(tmp_path):
     assert sum(saved["d_state"]) == 3 and report["ssm_parameters_after"] <= 0.5 * report["ssm_parameters_before"]
 
 
-def run_child(*args):
-    return subprocess.run([sys.executable, str(CHILD), *args], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-
-
 def test_run_killed_after_a_reduction_resumes_to_the_same_weights(tmp_path):
     """Reduction after step 5 of 15 (rank 4 -> 2) with the Hankel penalty on; SIGKILL at the
     150th sample fetched (70 samples, 5 steps per epoch, a checkpoint every 2 steps: the latest
@@ -179,13 +170,13 @@ def test_run_killed_after_a_reduction_resumes_to_the_same_weights(tmp_path):
     bit-identical to the uninterrupted run."""
     options = ["--reduce-at", "5", "--hankel-weight", "0.05"]
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    first = run_child(str(uninterrupted), *options)
+    first = run_train_child(str(uninterrupted), *options)
     assert first.returncode == 0, first.stderr[-3000:]
-    killed = run_child(str(interrupted), *options, "--kill-at-sample", "150")
+    killed = run_train_child(str(interrupted), *options, "--kill-at-sample", "150")
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoint = latest_checkpoint(str(interrupted))
     assert int(checkpoint.rsplit("_", 1)[1]) > 5 and os.path.exists(os.path.join(checkpoint, "reduction.json"))
-    resumed = run_child(str(interrupted), *options)
+    resumed = run_train_child(str(interrupted), *options)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((interrupted / "final" / "run_summary.json").read_text())
     assert summary["resumed_from"] == int(checkpoint.rsplit("_", 1)[1])

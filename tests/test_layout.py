@@ -6,12 +6,12 @@ transformers and each other; and folders written before the applications moved i
 import ast
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from child_runs import run_train_child
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -22,7 +22,6 @@ from s4bt_hf.hub_s4dss import REMOTE_CODE_MODULES
 
 PACKAGE = Path(s4bt_hf.__file__).parent
 LEGACY = Path(__file__).with_name("fixtures") / "legacy_layout"
-CHILD = Path(__file__).with_name("train_child.py")
 # huggingface_hub: a dependency of transformers itself (hub_s4dss's push_to_hub uses its API);
 # numpy: a dependency of transformers (the feature extractor's arrays)
 ALLOWED_ROOTS = {"torch", "transformers", "huggingface_hub", "numpy", "__future__"} | set(sys.stdlib_module_names)
@@ -81,8 +80,7 @@ def test_run_folder_written_before_the_move_resumes_to_the_uninterrupted_weights
     """The legacy run was killed after its checkpoint at step 6; resumed by today's code it ends
     bit-identical to a run of today's code that was never interrupted."""
     resumed = shutil.copytree(LEGACY / "run", tmp_path / "resumed")
-    result = subprocess.run([sys.executable, str(CHILD), str(resumed)], capture_output=True, text=True,
-                            timeout=300, stdin=subprocess.DEVNULL)
+    result = run_train_child(str(resumed))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((resumed / "final" / "run_summary.json").read_text())
     assert summary["resumed_from"] == 6
