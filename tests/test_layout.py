@@ -76,9 +76,18 @@ def test_checkpoint_saved_before_the_move_loads(tmp_path):
         torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
 
 
+# Parameters without a gradient in the child's model: a shift of the input projection's bias is
+# removed by every batch norm after it (and followed by their running means), so Adam moves it by
+# the sign of rounding noise, which differs between CPUs (seen: 0.03 on an AVX-512 machine, 0 on
+# the machine that wrote the fixture). Everything else agrees to rounding.
+GRADIENT_FREE = ("s4dss.input_proj.bias", "running_mean")
+
+
 def test_run_folder_written_before_the_move_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted_child_run):
-    """The legacy run was killed after its checkpoint at step 6; resumed by today's code it ends
-    bit-identical to a run of today's code that was never interrupted."""
+    """The legacy run was killed after its checkpoint at step 6 on another machine; resumed by
+    today's code it ends where a run of today's code that was never interrupted ends, to rounding
+    (bit-identity holds only on one machine: test_accelerate_trainer checks that). A resume that
+    lost the optimizer state, the schedule or the data order misses by 1e-3 or more."""
     resumed = shutil.copytree(LEGACY / "run", tmp_path / "resumed")
     result = run_train_child(str(resumed))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -87,7 +96,10 @@ def test_run_folder_written_before_the_move_resumes_to_the_uninterrupted_weights
     first = load_file(uninterrupted_child_run / "final" / "model.safetensors")
     second = load_file(resumed / "final" / "model.safetensors")
     assert first.keys() == second.keys()
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    compared = [name for name in first if not name.endswith(GRADIENT_FREE)]
+    assert len(compared) == len(first) - 4  # the bias and three running means
+    for name in compared:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_stage_cache_written_before_the_move_is_reused(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ change), equal budgets for both arms, and the compression-aware arms (λ chosen 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from s4bt_hf.experiments.reproduce import (
     reproduce,
     results_table,
 )
+from s4bt_hf.experiments.stage_cache import StageCache
 
 TINY = Budget(d_model=4, n_layers=1, d_state=4, ranks=[1, 2], originals=[(0, 2), (1, 1)], main_epochs=1,
               batch_size=25, train_samples=50, eval_batch_size=250, equal_total_ranks=[2])
@@ -85,6 +87,38 @@ def test_rerun_skips_finished_stages_and_new_settings_run_only_new_stages(experi
         "retrain-s0-e2-r3", "retrain-s1-e1-r3"]
 
 
+def test_a_moved_run_folder_resumes_from_its_new_place(experiment, tmp_path):
+    """Stage results hold paths relative to the run folder: a copy elsewhere skips every stage and
+    reads its models from where it is, even with the first folder gone."""
+    output, results, _ = experiment
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(output, moved)
+    hidden = output.with_name("hidden")
+    os.rename(output, hidden)  # nothing may be read from the old place
+    try:
+        messages = []
+        again = reproduce("smnist", str(moved), TINY, progress=False, log=messages.append)
+    finally:
+        os.rename(hidden, output)
+    assert messages and all(message.endswith("done before, skipped") for message in messages)
+    assert again["per_rank"] == results["per_rank"]
+    assert all(row["bt_model"].startswith(str(moved)) for row in again["runs"])
+    saved = json.loads(next((moved / "stages").glob("compress-s0-e2-r1-*/result.json")).read_text())
+    assert saved["model"].startswith("stages/compress-s0-e2-r1-") and saved["model"].endswith("/model")
+
+
+def test_stage_results_of_older_runs_with_absolute_paths_are_read_against_the_run_folder(tmp_path):
+    cache = StageCache(str(tmp_path / "now"))
+    folder = Path(cache.folder("pretrain-s0-e1", {"seed": 0}))
+    folder.mkdir(parents=True)
+    old = "/somewhere/else/runs/first/stages/" + folder.name
+    (folder / "result.json").write_text(json.dumps({"folder": old, "model": old + "/run/best", "test_accuracy": 0.5}))
+    result = cache.run("pretrain-s0-e1", {"seed": 0}, lambda _: pytest.fail("redone"), log=lambda _: None)
+    assert result == {"folder": str(folder), "model": str(folder / "run" / "best"), "test_accuracy": 0.5}
+    assert cache.relative(str(folder / "run" / "best")) == f"stages/{folder.name}/run/best"
+    assert cache.relative(str(tmp_path / "outside")) == str(tmp_path / "outside")  # not in the run folder
+
+
 def test_pearson_and_budgets():
     rng = np.random.default_rng(0)
     xs, ys = rng.random(8).tolist(), rng.random(8).tolist()
@@ -122,14 +156,14 @@ def test_listops_runs_through_the_same_pipeline(tmp_path):
 # ----------------------------------------------------------------------------- cache keys of existing runs
 
 
-def stage_folders(monkeypatch, task, budget):
+def stage_folders(monkeypatch, task, budget, output="unused"):
     """The stage folder names `reproduce` uses, without training (stages and data stubbed)."""
     names = []
 
     def fake_run(self, name, config, work, log):
         folder = self.folder(name, config)
         names.append(os.path.basename(folder))
-        return {"folder": folder, "model": "m", "test_accuracy": 0.5, "validation_accuracy": 0.5, "hsv": [[1.0]],
+        return {"folder": folder, "model": os.path.join(folder, "run", "best"), "test_accuracy": 0.5, "validation_accuracy": 0.5, "hsv": [[1.0]],
                 "ssm_parameters": 1, "total_parameters": 2}
 
     class Splits(dict):
@@ -139,8 +173,9 @@ def stage_folders(monkeypatch, task, budget):
     monkeypatch.setattr(reproduce_module.StageCache, "run", fake_run)
     monkeypatch.setattr(reproduce_module, "load_task", lambda *_, **__: Splits(train=None, validation=None, test=None))
     monkeypatch.setattr(reproduce_module, "_summarise", lambda *_: {})
+    monkeypatch.setattr(reproduce_module, "collect_peers", lambda *_: {})
     monkeypatch.setattr(reproduce_module, "_write_outputs", lambda *_: None)
-    reproduce(task, "unused", budget, progress=False, log=lambda _: None)
+    reproduce(task, output, budget, progress=False, log=lambda _: None)
     return names
 
 
@@ -157,6 +192,15 @@ def test_stage_cache_keys_of_existing_runs_never_change(monkeypatch):
     listops = stage_folders(monkeypatch, "listops", "cpu")
     for name in ("pretrain-s0-e4-f2df0110d177", "pretrain-s2-e1-60aee4b994fe", "baseline-s1-e4-r16-c5da72c2a3bd"):
         assert name in listops, name
+
+
+def test_stage_cache_keys_of_the_strong_budget_are_the_same_wherever_the_run_folder_is(monkeypatch, tmp_path):
+    """The peers and shrink stages name their original by its path in the run folder, not on disk."""
+    here = stage_folders(monkeypatch, "smnist", "strong")
+    assert stage_folders(monkeypatch, "smnist", "strong", str(tmp_path / "elsewhere")) == here
+    for name in ("pretrain-s0-e15-8fd6b614008b", "peers-s0-e15-d02726172fa0", "shrink-s0-e15-d0.005-a29c82119f90",
+                 "peers-s2-e15-3146d68acffe"):
+        assert name in here, name
 
 
 # ----------------------------------------------------------------------------- compression-aware arms

@@ -20,6 +20,7 @@ from ..data.collate import PadCollator, dataset_batches
 from ..modeling_s4dss import S4DSSForSequenceClassification
 from ..reduction_methods import REDUCTION_METHODS
 from ..training import evaluate_dataset
+from .stage_cache import read_stage_result
 from .states_removed import (
     DEFAULT_DROPS,
     DEFAULT_KEPT_FRACTIONS,
@@ -57,8 +58,7 @@ def originals_of_reproduce(folder: str, regularised: bool = False) -> list[dict]
         if wanted is not None and (config.get("hankel_weight"), config.get("hankel_every"),
                                    config.get("hankel_reuse", False)) != wanted:
             continue  # another λ of the selection grid, or another setting of the penalty
-        with open(result_path, encoding="utf-8") as handle:
-            result = json.load(handle)
+        result = read_stage_result(stage)  # paths resolved against the run folder, wherever it is now
         originals.append({"name": os.path.basename(stage).rsplit("-", 1)[0], "model": result["model"],
                           "task": config["task"], "data": config.get("data") or {},
                           "train_samples": config.get("train_samples")})

@@ -44,7 +44,7 @@ REGULARISED_VARIANTS = tuple(variant for variant in DEFAULT_VARIANTS
 
 def peer_stage(experiment, seed: int, epochs: int, original: dict) -> dict:
     """The `peers-s<seed>` stage of one original: {"curve", "states_removed", "test_samples", ...}."""
-    config = {**experiment.common, "original": original["model"],
+    config = {**experiment.common, "original": experiment.cache.relative(original["model"]),
               "variants": [list(variant) for variant in DEFAULT_VARIANTS],
               "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
               "calibration_samples": CALIBRATION_SAMPLES}
@@ -55,7 +55,7 @@ def peer_stage(experiment, seed: int, epochs: int, original: dict) -> dict:
 def regularised_peer_stage(experiment, seed: int, epochs: int, weight: float, original: dict) -> dict:
     """The `hankel-peers-s<seed>-e<epochs>-w<λ>` stage: the curves of `peer_stage` for a
     Hankel-regularised original, with `REGULARISED_VARIANTS`; drops against that original."""
-    config = {**experiment.common, "original": original["model"], "hankel_weight": weight,
+    config = {**experiment.common, "original": experiment.cache.relative(original["model"]), "hankel_weight": weight,
               "variants": [list(variant) for variant in REGULARISED_VARIANTS],
               "kept_fractions": list(DEFAULT_KEPT_FRACTIONS), "drops": list(DEFAULT_DROPS),
               "calibration_samples": CALIBRATION_SAMPLES}
@@ -113,7 +113,7 @@ def shrink_stages(experiment, seed: int, epochs: int, original: dict) -> list[di
     """The `shrink-s<seed>-d<drop>` stages of one original: one row per drop of the budget."""
     rows = []
     for drop in experiment.budget.shrink_drops:
-        config = {**experiment.common, "original": original["model"], "max_drop": drop,
+        config = {**experiment.common, "original": experiment.cache.relative(original["model"]), "max_drop": drop,
                   "methods": list(REDUCTION_METHODS), "refit": [False, True],
                   "calibration_samples": CALIBRATION_SAMPLES}
         result = experiment.stage(f"shrink-s{seed}-e{epochs}-d{drop:g}", config, _shrink, experiment=experiment,

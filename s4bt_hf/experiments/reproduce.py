@@ -5,7 +5,7 @@ retrain the smaller model from the reduced parameters ("main training"), and com
 model of the same size trained from Skew-HiPPO initialisation; originals of different quality
 test whether a better original gives a better compressed model.
 
-Stages, each cached in `<output>/stages/<name>-<hash of its configuration>/result.json` (a
+Stages, each cached in `<output>/stages/<name>-<hash of its configuration>/result.json` (`stage_cache.py`; a
 re-run skips finished stages; an interrupted training resumes from its checkpoints):
 
     pretrain   one original per entry of `originals` (seed, epochs), d_state = N
@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import math
 import os
 import shutil
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -65,8 +63,7 @@ from .field_metric import (
     regularised_peer_stage,
     shrink_stages,
 )
-
-STAGES_DIR = "stages"
+from .stage_cache import StageCache
 
 
 @dataclass
@@ -171,58 +168,6 @@ class CompressionAware:
 
     def ranks_in_training(self, ranks: list[int]) -> list[int]:
         return list(ranks) if self.in_training_ranks is None else list(self.in_training_ranks)
-
-
-class StageCache:
-    """Stage results keyed by a hash of their configuration."""
-
-    def __init__(self, root: str):
-        self.root = os.path.join(root, STAGES_DIR)
-
-    def folder(self, name: str, config: dict) -> str:
-        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return os.path.join(self.root, f"{name}-{key}")
-
-    def run(self, name: str, config: dict, work, log) -> dict:
-        folder = self.folder(name, config)
-        result_path = os.path.join(folder, "result.json")
-        if os.path.exists(result_path):
-            result = _read_result(result_path)
-            log(f"{name}: done before, skipped")
-            return result
-        os.makedirs(folder, exist_ok=True)
-        config_path = os.path.join(folder, "stage_config.json")  # written for the reader; never read back
-        with open(config_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=2, default=str)
-        os.replace(config_path + ".tmp", config_path)
-        started = time.time()
-        result = {**work(folder), "seconds": round(time.time() - started, 2), "folder": folder}
-        with open(result_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        os.replace(result_path + ".tmp", result_path)
-        log(f"{name}: {_short(result)}")
-        return result
-
-
-def _read_result(path: str) -> dict:
-    """A finished stage's result.json; a ValueError naming it if it cannot be read (the stage is not
-    redone silently: its folder may hold a finished training run that would be refused)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            result = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}); delete "
-                         f"its stage folder {os.path.dirname(path)} to run that stage again") from error
-    if not isinstance(result, dict):
-        raise ValueError(f"{path} is not a stage result (a JSON object); delete its stage folder "
-                         f"{os.path.dirname(path)} to run that stage again")
-    return result
-
-
-def _short(result: dict) -> str:
-    parts = [f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-             for key, value in result.items() if key in ("test_accuracy", "validation_accuracy", "seconds")]
-    return ", ".join(parts)
 
 
 @dataclass
