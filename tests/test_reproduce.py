@@ -163,7 +163,8 @@ def stage_folders(monkeypatch, task, budget, output="unused"):
     def fake_run(self, name, config, work, log):
         folder = self.folder(name, config)
         names.append(os.path.basename(folder))
-        return {"folder": folder, "model": os.path.join(folder, "run", "best"), "test_accuracy": 0.5, "validation_accuracy": 0.5, "hsv": [[1.0]],
+        return {"folder": folder, "model": os.path.join(folder, "run", "best"), "test_accuracy": 0.5,
+                "validation_accuracy": 0.5, "hsv": [[1.0]],
                 "ssm_parameters": 1, "total_parameters": 2}
 
     class Splits(dict):
