@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--in-training-ranks", type=positive_int, nargs="*", metavar="RANK",
                            help="with --compression-aware: the ranks of the reduction-during-training arm (default: "
                            "every rank; none given: no such arm), e.g. 8 to keep a strong run within hours")
+    reproduce.add_argument("--seeds", type=nonnegative_int, nargs="+", metavar="SEED",
+                           help="only the budget's originals of these seeds, with their stages (a long run split "
+                           "between machines or sessions: copy the stages/ folders into one run folder, and the "
+                           "whole run skips them)")
+    reproduce.add_argument("--shrink-drops", type=nonnegative_float, nargs="*", metavar="POINTS",
+                           help="the accuracy drops, in points, at which `shrink` runs on every original (default: "
+                           "the budget's, strong: 0.5 1; none given: no shrink stages)")
     reproduce.add_argument("--no-progress", action="store_true")
     add_user_data_options(reproduce, "the experiment")
 
@@ -683,7 +690,14 @@ def command_export(args) -> dict:
 
 
 def command_reproduce(args) -> dict:
-    from ..experiments.reproduce import CompressionAware, default_budgets, reproduce, results_table, with_ranks
+    from ..experiments.reproduce import (
+        CompressionAware,
+        default_budgets,
+        reproduce,
+        results_table,
+        with_ranks,
+        with_seeds,
+    )
 
     _check_output_folder(args.output)
     if user_data_requested(args):
@@ -703,7 +717,16 @@ def command_reproduce(args) -> dict:
         budget.equal_total_ranks = list(args.equal_total_ranks)
     elif args.ranks is not None:
         budget.equal_total_ranks = [rank for rank in budget.equal_total_ranks if rank in args.ranks]
+    if args.shrink_drops is not None:
+        if any(drop >= 100 for drop in args.shrink_drops):
+            raise CliError(f"--shrink-drops {' '.join(f'{drop:g}' for drop in args.shrink_drops)}: a drop of 100 "
+                           "points or more leaves nothing to keep")
+        budget.shrink_drops = [drop / 100 for drop in args.shrink_drops]
     try:
+        if args.seeds is not None and args.compression_aware and budget.originals[0][0] not in args.seeds:
+            raise CliError(f"--compression-aware chooses the Hankel weight on seed {budget.originals[0][0]}'s "
+                           f"validation split: include seed {budget.originals[0][0]} in --seeds")
+        budget = with_seeds(budget, args.seeds)
         if args.in_training_ranks is not None and not args.compression_aware:
             raise CliError("--in-training-ranks chooses ranks of the compression-aware arms: it needs "
                            "--compression-aware")

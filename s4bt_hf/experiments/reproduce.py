@@ -717,3 +717,16 @@ def _data_description(task: str, budget: Budget) -> str:
 
 def with_ranks(budget: Budget, ranks: list[int] | None) -> Budget:
     return budget if ranks is None else replace(copy.deepcopy(budget), ranks=list(ranks))
+
+
+def with_seeds(budget: Budget, seeds: list[int] | None) -> Budget:
+    """The budget's originals of these seeds only: a long run split between machines or sessions
+    (each part's stages are the full run's, under the same keys: copy the `stages/` folders
+    together and the full run skips them)."""
+    if seeds is None:
+        return budget
+    known = [seed for seed, _ in budget.originals]
+    unknown = [seed for seed in seeds if seed not in known]
+    if unknown or not seeds:
+        raise ValueError(f"seeds {list(seeds)}: the budget's originals have seeds {', '.join(map(str, known))}")
+    return replace(copy.deepcopy(budget), originals=[entry for entry in budget.originals if entry[0] in seeds])
