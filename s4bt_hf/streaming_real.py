@@ -60,7 +60,36 @@ class RealStreamingBlock(nn.Module):
         return hidden_states, torch.stack((new_real, new_imag), dim=-1)
 
 
-class RealStreamingModule(nn.Module):
+class FrozenModelCopy(nn.Module):
+    """What the real-arithmetic copies of a model share (this file's streaming module, the
+    whole-sequence module of `s4bt_hf.export`): frozen copies of the encoder (embedding or input
+    projection), the blocks (as `block_type`), the final norm and the classifier, and the facts
+    of the config that their inputs and outputs need."""
+
+    def copy_parts(self, model: nn.Module, block_type: type[nn.Module]) -> None:
+        config = model.config
+        backbone = getattr(model, "s4dss", model)
+        self.is_classifier = backbone is not model
+        self.uses_tokens = bool(config.uses_tokens)
+        self.encoder = copy.deepcopy(backbone.embeddings if self.uses_tokens else backbone.input_proj)
+        self.blocks = nn.ModuleList(block_type(layer) for layer in backbone.layers)
+        self.final_norm = copy.deepcopy(backbone.final_norm)
+        self.classifier = copy.deepcopy(model.classifier) if self.is_classifier else None
+        self.d_model = config.d_model
+        self.input_dim = None if self.uses_tokens else config.input_dim
+        self.vocab_size = config.vocab_size if self.uses_tokens else None
+        self.check_input_values = bool(getattr(config, "check_input_values", True))
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)  # a frozen copy: an optimizer given the model never reaches it
+        self.eval()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.int64 if self.uses_tokens else self.encoder.weight.dtype
+
+
+class RealStreamingModule(FrozenModelCopy):
     """Real-arithmetic streaming step of an S4-DSS model (backbone or classifier).
 
     forward(inputs, *states) -> (output, *new_states), where
@@ -82,25 +111,10 @@ class RealStreamingModule(nn.Module):
             )
         if model.training:
             raise ValueError("Streaming runs the model as in inference: call `model.eval()` first.")
-        backbone = getattr(model, "s4dss", model)
-        self.is_classifier = backbone is not model
-        self.uses_tokens = bool(config.uses_tokens)
-        self.encoder = copy.deepcopy(backbone.embeddings if self.uses_tokens else backbone.input_proj)
-        self.blocks = nn.ModuleList(RealStreamingBlock(layer) for layer in backbone.layers)
-        self.final_norm = copy.deepcopy(backbone.final_norm)
-        self.classifier = copy.deepcopy(model.classifier) if self.is_classifier else None
+        self.copy_parts(model, RealStreamingBlock)
         self.mean_pooling = self.is_classifier and config.pooling == "mean"
-        self.d_model = config.d_model
-        self.input_dim = None if self.uses_tokens else config.input_dim
         self.d_states = [block.a_re.shape[-1] for block in self.blocks]
-        self.vocab_size = config.vocab_size if self.uses_tokens else None
-        self.check_input_values = bool(getattr(config, "check_input_values", True))
-        self.requires_grad_(False)  # a frozen copy: an optimizer given the model never reaches it
-        self.eval()
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return torch.int64 if self.uses_tokens else self.encoder.weight.dtype
+        self.freeze()
 
     @property
     def state_dtype(self) -> torch.dtype:

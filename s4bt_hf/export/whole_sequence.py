@@ -28,6 +28,7 @@ from ..real_convolution_s4dss import (  # noqa: F401
     real_powers,
 )
 from ..real_convolution_s4dss import real_convolution_chunk as whole_sequence_chunk
+from ..streaming_real import FrozenModelCopy
 from .exporter import GRAPH_FILES, _dtype_name, model_description, runtime_versions
 
 
@@ -83,7 +84,7 @@ class RealSequenceBlock(nn.Module):
         return hidden_states if self.prenorm else eval_norm(self.norm, hidden_states)
 
 
-class WholeSequenceModule(nn.Module):
+class WholeSequenceModule(FrozenModelCopy):
     """Real-arithmetic whole-sequence forward of an eval-mode S4-DSS model (backbone or classifier,
     uni- or bidirectional): a frozen copy, nothing requires a gradient, no complex tensor.
 
@@ -99,26 +100,10 @@ class WholeSequenceModule(nn.Module):
         super().__init__()
         if model.training:
             raise ValueError("The whole-sequence module runs the model as in inference: call `model.eval()` first.")
-        config = model.config
-        backbone = getattr(model, "s4dss", model)
-        self.is_classifier = backbone is not model
-        self.uses_tokens = bool(config.uses_tokens)
-        self.encoder = copy.deepcopy(backbone.embeddings if self.uses_tokens else backbone.input_proj)
-        self.blocks = nn.ModuleList(RealSequenceBlock(layer) for layer in backbone.layers)
-        self.final_norm = copy.deepcopy(backbone.final_norm)
-        self.classifier = copy.deepcopy(model.classifier) if self.is_classifier else None
-        self.pooling = config.pooling if self.is_classifier else None
-        self.d_model = config.d_model
-        self.input_dim = None if self.uses_tokens else config.input_dim
-        self.vocab_size = config.vocab_size if self.uses_tokens else None
-        self.num_labels = config.num_labels if self.is_classifier else None
-        self.check_input_values = bool(getattr(config, "check_input_values", True))
-        self.requires_grad_(False)
-        self.eval()
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return torch.int64 if self.uses_tokens else self.encoder.weight.dtype
+        self.copy_parts(model, RealSequenceBlock)
+        self.pooling = model.config.pooling if self.is_classifier else None
+        self.num_labels = model.config.num_labels if self.is_classifier else None
+        self.freeze()
 
     @property
     def output_dtype(self) -> torch.dtype:
