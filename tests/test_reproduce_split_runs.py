@@ -1,14 +1,16 @@
 """A long `s4bt reproduce` run split between machines or sessions: `--seeds` runs some originals
 with their stages, the parts' `stages/` folders copied into one run folder make the whole run,
-which then trains nothing; `--shrink-drops` sets or removes the shrink stages."""
+which then trains nothing; `--shrink-drops` sets or removes the shrink stages, `--no-peers` the
+peers stages."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
-from test_reproduce import TINY
+from test_reproduce import TINY, stage_folders
 
 from s4bt_hf.cli import main as cli_main
-from s4bt_hf.experiments.reproduce import reproduce, with_seeds
+from s4bt_hf.experiments.reproduce import default_budgets, reproduce, with_seeds
 
 
 def test_with_seeds_keeps_the_originals_of_those_seeds():
@@ -47,18 +49,29 @@ def test_bad_split_options_are_named_before_anything_is_written(tmp_path, capsys
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_shrink_drops_option_sets_the_budgets_drops(tmp_path, monkeypatch):
+def test_shrink_drops_and_no_peers_options_set_the_budget(tmp_path, monkeypatch):
     import s4bt_hf.experiments.reproduce as reproduce_module
 
     seen = {}
 
     def fake_reproduce(task, output, budget, **_):
-        seen.update(drops=budget.shrink_drops, originals=budget.originals)
+        seen.update(drops=budget.shrink_drops, originals=budget.originals, peers=budget.peer_comparison)
         raise ValueError("stopped before training")
 
     monkeypatch.setattr(reproduce_module, "reproduce", fake_reproduce)
-    cases = ((["--shrink-drops", "0.5", "2"], [0.005, 0.02]), (["--shrink-drops"], []), ([], [0.005, 0.01]))
-    for arguments, drops in cases:
+    cases = ((["--shrink-drops", "0.5", "2"], [0.005, 0.02], True), (["--shrink-drops"], [], True),
+             ([], [0.005, 0.01], True), (["--no-peers", "--shrink-drops"], [], False))
+    for arguments, drops, peers in cases:
         with pytest.raises(SystemExit):
             cli_main(["reproduce", "--budget", "strong", "--seeds", "2", "--output", str(tmp_path / "run"), *arguments])
-        assert seen == {"drops": drops, "originals": [(2, 15)]}
+        assert seen == {"drops": drops, "originals": [(2, 15)], "peers": peers}
+
+
+def test_a_part_without_peers_or_shrink_has_the_whole_runs_stage_keys(monkeypatch):
+    whole = stage_folders(monkeypatch, "smnist", "strong")
+    strong = default_budgets("smnist")["strong"]
+    part = stage_folders(monkeypatch, "smnist", replace(with_seeds(strong, [0]), peer_comparison=False,
+                                                        shrink_drops=[]))
+    assert not any(name.startswith(("peers-", "shrink-")) for name in part)
+    assert "pretrain-s0-e15-8fd6b614008b" in part and set(part) < set(whole)
+    assert len(part) == 1 + 2 * 4 + 4 + 3  # the original; compress, retrain, baseline at 4 ranks; equal-total at 3

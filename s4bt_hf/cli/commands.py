@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--shrink-drops", type=nonnegative_float, nargs="*", metavar="POINTS",
                            help="the accuracy drops, in points, at which `shrink` runs on every original (default: "
                            "the budget's, strong: 0.5 1; none given: no shrink stages)")
+    reproduce.add_argument("--no-peers", action="store_true",
+                           help="without the `peers` stages (the field's metric) of the strong budget, e.g. a part "
+                           "that runs only the paper's arms; the other stages keep their keys")
     reproduce.add_argument("--no-progress", action="store_true")
     add_user_data_options(reproduce, "the experiment")
 
@@ -722,6 +725,8 @@ def command_reproduce(args) -> dict:
             raise CliError(f"--shrink-drops {' '.join(f'{drop:g}' for drop in args.shrink_drops)}: a drop of 100 "
                            "points or more leaves nothing to keep")
         budget.shrink_drops = [drop / 100 for drop in args.shrink_drops]
+    if args.no_peers:
+        budget.peer_comparison = False
     try:
         if args.seeds is not None and args.compression_aware and budget.originals[0][0] not in args.seeds:
             raise CliError(f"--compression-aware chooses the Hankel weight on seed {budget.originals[0][0]}'s "
