@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the accuracy drops, in points, at which `shrink` runs on every original (default: "
                            "the budget's, strong: 0.5 1; none given: no shrink stages)")
     reproduce.add_argument("--no-peers", action="store_true",
-                           help="without the `peers` stages (the field's metric) of the strong budget, e.g. a part "
-                           "that runs only the paper's arms; the other stages keep their keys")
+                           help="without the field's-metric stages of the strong budget (`peers`, and `hankel-peers` "
+                           "with --compression-aware), e.g. a part that runs only the paper's arms; the other stages "
+                           "keep their keys")
     reproduce.add_argument("--no-progress", action="store_true")
     add_user_data_options(reproduce, "the experiment")
 
