@@ -36,7 +36,7 @@ reproduce-compression-aware: $(STAMP)
 
 # The field's metric on strong originals (3 seeds of 4 x 64 x 64 modes, LAST and AIRE in the same run,
 # shrink, the compression-aware arms with reduction during training at rank 8, the paper's arms): about
-# 10 hours on 2 cores, resumable (docs/experiments.md, "Strong originals").
+# 13-14 hours on 2 cores (estimated), resumable (docs/experiments.md, "Strong originals").
 reproduce-strong: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/s4bt reproduce --task smnist --budget strong --output runs/strong-smnist \
 		--compression-aware --in-training-ranks 8
